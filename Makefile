@@ -1,0 +1,36 @@
+# star-serve developer targets. `make serve` and `make test` each set up what they need on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+# The CPU wheel of torch for development and CI; GPU machines install from pyproject's range instead.
+CONSTRAINTS ?= constraints-cpu.txt
+
+.PHONY: setup serve demo test lint typecheck clean
+
+$(BIN)/star-serve: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/star-serve
+
+serve: setup
+	$(BIN)/star-serve serve
+
+demo: setup
+	$(BIN)/star-serve demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check star_serve tests
+	$(BIN)/ruff format --check star_serve tests
+
+typecheck: setup
+	$(BIN)/mypy star_serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

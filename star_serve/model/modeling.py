@@ -1,0 +1,400 @@
+"""STAR MoE decoder: a LLaMA-style transformer (RMSNorm, RoPE, grouped-query attention) whose every
+feed-forward block is a sparse MoE with a STAR router, plus causal-LM and sequence-classification heads.
+
+Per-tenant routing travels as data: `router_bank` (T, L, E, D) stacks T tenants' GHA bases for all L
+layers and `tenant_index` (B,) picks each sequence's tenant, so one forward serves many tenants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.utils import ModelOutput
+
+from .configuration import StarMoeConfig
+from .moe import StarMoeExperts, StarMoeSparseBlock
+from .router import StarGate, StarMoeRouter, switch_load_balancing_loss
+
+
+class StarMoeRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class StarMoeRotaryEmbedding(nn.Module):
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__()
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+        self.register_buffer("inv_freq", 1.0 / config.rope_theta**exponents, persistent=False)
+
+    inv_freq: torch.Tensor
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)  # (B, S, hd/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (B, S, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (B, H, S, hd) queries or keys by their positions' angles (cos, sin: (B, S, hd))."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_len: int, key_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """A boolean (B, 1, Q, K) mask, True where a query may attend, from a 2-D padding mask (B, K).
+
+    The Q queries are the last Q of the K key positions. Every query may attend to itself, so that a
+    padding position never sees an all-masked row (whose softmax would be NaN). A 4-D mask is passed
+    through unchanged; with no padding mask and no cache, None tells the caller to use `is_causal`.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
+    if attention_mask is None and query_len == key_len:
+        return None
+    q_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]  # (Q, 1)
+    k_pos = torch.arange(key_len, device=device)[None, :]  # (1, K)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, Q, K)
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class StarMoeAttention(nn.Module):
+    def __init__(self, config: StarMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, S, D)
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,  # (B, 1, S, K) bool
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, K, hd)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class StarMoeDecoderLayer(nn.Module):
+    def __init__(self, config: StarMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = StarMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = StarMoeAttention(config, layer_idx)
+        self.post_attention_layernorm = StarMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = StarMoeSparseBlock(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+        bases: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden states, the router's inputs, its logits and the chosen experts."""
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
+        router_input = self.post_attention_layernorm(x)  # (B, S, D): what the router and GHA see
+        moe = self.mlp(router_input, bases=bases, token_mask=token_mask)
+        return x + moe.hidden_states, router_input, moe.router_logits, moe.expert_indices
+
+
+@dataclass
+class StarMoeModelOutput(ModelOutput):
+    """Backbone outputs. `router_inputs` and `expert_indices` are filled when `output_routing=True`."""
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None  # L x (B*S, E)
+    router_inputs: tuple[torch.Tensor, ...] | None = None  # L x (B, S, D)
+    expert_indices: tuple[torch.Tensor, ...] | None = None  # L x (B, S, k)
+
+
+@dataclass
+class StarMoeCausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_inputs: tuple[torch.Tensor, ...] | None = None
+    expert_indices: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class StarMoeSequenceClassifierOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    router_inputs: tuple[torch.Tensor, ...] | None = None
+    expert_indices: tuple[torch.Tensor, ...] | None = None
+
+
+class StarMoePreTrainedModel(PreTrainedModel):
+    config_class = StarMoeConfig
+    config: StarMoeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["StarMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, StarMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, StarMoeRouter) and hasattr(module, "weight"):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, StarGate):
+            init.orthogonal_(module.mixing_coef)
+            init.zeros_(module.alpha)
+            init.orthogonal_(module.gha.basis)  # unit-norm, orthogonal rows
+        elif isinstance(module, StarMoeRotaryEmbedding):
+            exponents = torch.arange(0, self.config.head_dim, 2, dtype=torch.float32) / self.config.head_dim
+            init.copy_(module.inv_freq, 1.0 / self.config.rope_theta**exponents)
+
+    def trained_bases(self) -> torch.Tensor:
+        """The model's own GHA bases stacked as one tenant's bank row, (L, E, D) in float32."""
+        backbone = self.base_model
+        assert isinstance(backbone, StarMoeModel)
+        routers = [layer.mlp.router for layer in backbone.layers]
+        if not routers[0].uses_subspace:
+            raise ValueError(f"router_type {self.config.router_type!r} has no GHA subspace")
+        return torch.stack([r.basis.detach().float() for r in routers])
+
+
+class StarMoeModel(StarMoePreTrainedModel):
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(StarMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = StarMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = StarMoeRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # (B, S)
+        attention_mask: torch.Tensor | None = None,  # (B, K) padding mask, or (B, 1, S, K) bool
+        position_ids: torch.LongTensor | None = None,  # (B, S)
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        router_bank: torch.Tensor | None = None,  # (T, L, E, D)
+        tenant_index: torch.Tensor | None = None,  # (B,)
+        output_routing: bool = False,
+        **kwargs: object,
+    ) -> StarMoeModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, S, D)
+        b, s, _ = x.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
+        mask = build_attention_mask(attention_mask, s, past + s, x.device)
+        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        if router_bank is not None:
+            if tenant_index is None:
+                tenant_index = torch.zeros(b, dtype=torch.long, device=x.device)
+            if router_bank.shape[1] != len(self.layers):
+                raise ValueError(f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}")
+
+        rotary = self.rotary_emb(position_ids, x.dtype)
+        all_logits, all_inputs, all_experts = [], [], []
+        for i, layer in enumerate(self.layers):
+            bases = router_bank[tenant_index, i] if router_bank is not None else None  # (B, E, D)
+            x, router_input, logits, experts = layer(x, rotary, mask, past_key_values, bases, token_mask)
+            all_logits.append(logits)
+            if output_routing:
+                all_inputs.append(router_input)
+                all_experts.append(experts)
+        return StarMoeModelOutput(
+            last_hidden_state=self.norm(x),
+            past_key_values=past_key_values if use_cache else None,
+            router_logits=tuple(all_logits),
+            router_inputs=tuple(all_inputs) if output_routing else None,
+            expert_indices=tuple(all_experts) if output_routing else None,
+        )
+
+    def load_balancing_loss(
+        self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Switch loss summed over layers (as the reference adds each layer's loss), over real tokens."""
+        k = self.config.num_experts_per_tok
+        token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+        losses = [
+            switch_load_balancing_loss(logits, logits.topk(k, dim=-1).indices, token_mask)
+            for logits in router_logits
+        ]
+        return torch.stack(losses).sum()
+
+
+class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__(config)
+        self.model = StarMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        router_bank: torch.Tensor | None = None,
+        tenant_index: torch.Tensor | None = None,
+        output_routing: bool = False,
+        logits_to_keep: int = 0,
+        **kwargs: object,
+    ) -> StarMoeCausalLMOutput:
+        """`labels` (B, S) are the input ids themselves (shifted here); -100 marks positions to ignore."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            router_bank=router_bank,
+            tenant_index=tenant_index,
+            output_routing=output_routing,
+        )
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, S, V)
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            aux_loss = self.model.load_balancing_loss(out.router_logits, padding)
+            loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return StarMoeCausalLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            router_logits=out.router_logits if output_router_logits else None,
+            router_inputs=out.router_inputs,
+            expert_indices=out.expert_indices,
+        )
+
+
+class StarMoeForSequenceClassification(StarMoePreTrainedModel):
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = StarMoeModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,  # (B, S) padding mask
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # (B,)
+        output_router_logits: bool | None = None,
+        router_bank: torch.Tensor | None = None,
+        tenant_index: torch.Tensor | None = None,
+        output_routing: bool = False,
+        **kwargs: object,
+    ) -> StarMoeSequenceClassifierOutput:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            router_bank=router_bank,
+            tenant_index=tenant_index,
+            output_routing=output_routing,
+        )
+        hidden = out.last_hidden_state  # (B, S, D)
+        b, s, _ = hidden.shape
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+        if self.config.classifier_pooling == "mean":
+            weights = valid.to(hidden.dtype)[..., None]
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+        else:
+            last = s - 1 - valid.flip(1).int().argmax(1)  # index of the last real token
+            pooled = hidden[torch.arange(b, device=hidden.device), last]
+        logits = self.score(pooled)  # (B, C)
+
+        loss = aux_loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels)
+            aux_loss = self.model.load_balancing_loss(out.router_logits, attention_mask)
+            loss = loss + self.config.router_aux_loss_coef * aux_loss
+        return StarMoeSequenceClassifierOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            router_logits=out.router_logits if output_router_logits else None,
+            router_inputs=out.router_inputs,
+            expert_indices=out.expert_indices,
+        )

@@ -1,0 +1,77 @@
+"""The sparse MoE feed-forward block: a STAR router, top-k selection and grouped SwiGLU experts."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import StarMoeConfig
+from .router import StarMoeRouter
+
+
+class StarMoeExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, so that dispatch is one gather and E matmuls."""
+
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__()
+        e, d, f = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (N, D)
+        expert_indices: torch.Tensor,  # (N, k)
+        weights: torch.Tensor,  # (N, k)
+    ) -> torch.Tensor:
+        n, k = expert_indices.shape
+        flat = expert_indices.reshape(-1)  # (N*k,)
+        order = flat.argsort(stable=True)
+        token_of = order // k  # which token each grouped row belongs to
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        grouped = x[token_of]  # (N*k, D), rows of one expert contiguous
+        outputs = []
+        for e, rows in enumerate(grouped.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        routed = torch.cat(outputs) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, routed)
+
+
+class MoeOutput(NamedTuple):
+    hidden_states: torch.Tensor  # (B, S, D)
+    router_logits: torch.Tensor  # (B*S, E)
+    expert_indices: torch.Tensor  # (B, S, k)
+
+
+class StarMoeSparseBlock(nn.Module):
+    """Routes each token to its top-k experts. Softmax over all E experts, then top-k; with k > 1 the
+    selected probabilities are used as they are, without renormalisation (the reference's convention)."""
+
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = StarMoeRouter(config)
+        self.experts = StarMoeExperts(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, S, D)
+        bases: torch.Tensor | None = None,  # (B, E, D)
+        token_mask: torch.Tensor | None = None,  # (B, S)
+    ) -> MoeOutput:
+        b, s, d = x.shape
+        if self.training and self.router.router_type == "mpi":
+            self.router.power_retract(self.experts.gate_up_proj)
+        logits = self.router(x, bases=bases, token_mask=token_mask)  # (B, S, E)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (B, S, k)
+        flat_x = x.reshape(-1, d)
+        out = self.experts(flat_x, indices.reshape(-1, self.top_k), weights.reshape(-1, self.top_k))
+        return MoeOutput(out.reshape(b, s, d), logits.reshape(b * s, -1), indices)

@@ -1,0 +1,119 @@
+"""STAR routers: a linear gate interpolated with a gate through the GHA principal subspace (STAR.md).
+
+Parameter names follow the authors' reference checkpoints, under `...mlp.router.`: `weight` (W),
+`star_gate.mixing_coef` (R), `star_gate.alpha` (a) and `star_gate.gha.basis` (V, a persistent buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import StarMoeConfig
+from .gha import gha_update
+
+
+class GhaSubspace(nn.Module):
+    """Holds the basis V (E, D): unit-norm rows, updated by the Hebbian rule only, never by backprop."""
+
+    def __init__(self, num_components: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("basis", torch.empty(num_components, dim), persistent=True)
+
+    basis: torch.Tensor
+
+
+class StarGate(nn.Module):
+    """The subspace half of the STAR gate: mixing matrix R (E, E), interpolation logits a (E,), basis V."""
+
+    def __init__(self, num_experts: int, dim: int) -> None:
+        super().__init__()
+        self.mixing_coef = nn.Parameter(torch.empty(num_experts, num_experts))
+        self.alpha = nn.Parameter(torch.empty(num_experts))
+        self.gha = GhaSubspace(num_experts, dim)
+
+
+class StarMoeRouter(nn.Module):
+    """Computes router logits (B, S, E) for one MoE layer.
+
+    `bases` (B, E, D), when given, replaces the trained basis per sequence: this is how a batch that mixes
+    tenants routes each sequence through its own tenant's subspace in one pass.
+    """
+
+    def __init__(self, config: StarMoeConfig) -> None:
+        super().__init__()
+        self.router_type = config.router_type
+        self.num_experts = config.num_local_experts
+        self.gha_learning_rate = config.gha_learning_rate
+        self.mpi_row_norm = config.mpi_row_norm
+        if self.router_type != "star_gha_only":
+            self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if self.router_type in ("star", "star_gha_only"):
+            self.star_gate = StarGate(self.num_experts, config.hidden_size)
+
+    @property
+    def uses_subspace(self) -> bool:
+        return self.router_type in ("star", "star_gha_only")
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The trained GHA basis V (E, D)."""
+        return self.star_gate.gha.basis
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, S, D)
+        bases: torch.Tensor | None = None,  # (B, E, D)
+        token_mask: torch.Tensor | None = None,  # (B, S) bool, True for real tokens
+    ) -> torch.Tensor:
+        if not self.uses_subspace:
+            return F.linear(x, self.weight)
+
+        if self.training and bases is None:
+            # As in the reference: one Hebbian iteration inside the forward, on the detached input,
+            # before the logits, in training mode only.
+            tokens = x.detach() if token_mask is None else x.detach()[token_mask]
+            with torch.no_grad():
+                self.basis.copy_(gha_update(self.basis, tokens, self.gha_learning_rate))
+
+        mixing = self.star_gate.mixing_coef
+        if bases is None:
+            rotated = (mixing @ self.basis.to(mixing.dtype)).to(x.dtype)  # (E, D)
+            gha_logits = F.linear(x, rotated)
+        else:
+            rotated = torch.einsum("ef,bfd->bed", mixing, bases.to(mixing.dtype)).to(x.dtype)  # (B, E, D)
+            gha_logits = torch.einsum("bsd,bed->bse", x, rotated)
+        if self.router_type == "star_gha_only":
+            return gha_logits
+        s = torch.sigmoid(self.star_gate.alpha).to(x.dtype)
+        return s * F.linear(x, self.weight) + (1 - s) * gha_logits
+
+    @torch.no_grad()
+    def power_retract(self, expert_inputs: torch.Tensor) -> None:
+        """MPI: one power-iteration step of each router row through its expert's input matrix, then a
+        retraction to the fixed row norm. `expert_inputs` is (E, F, D)."""
+        w = expert_inputs.detach().to(self.weight.dtype)
+        projected = torch.einsum("efd,ed->ef", w, self.weight)  # W_e r_e
+        powered = torch.einsum("efd,ef->ed", w, projected)  # W_e^T W_e r_e
+        self.weight.copy_(self.mpi_row_norm * F.normalize(powered, dim=-1))
+
+
+def switch_load_balancing_loss(
+    router_logits: torch.Tensor,  # (N, E)
+    expert_indices: torch.Tensor,  # (N, k)
+    token_mask: torch.Tensor | None = None,  # (N,) bool
+) -> torch.Tensor:
+    """The Switch Transformer auxiliary loss `E * sum_i f_i P_i` of one layer, over real tokens only.
+
+    f_i is the fraction of routed (token, slot) pairs sent to expert i, P_i the mean router probability of
+    expert i. It is 1 for perfectly uniform routing and E for total collapse.
+    """
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    one_hot = F.one_hot(expert_indices, num_experts).float().sum(dim=1)  # (N, E)
+    if token_mask is not None:
+        probs, one_hot = probs[token_mask], one_hot[token_mask]
+    fraction = one_hot.sum(dim=0) / one_hot.sum().clamp_min(1)
+    mean_prob = probs.mean(dim=0)
+    return num_experts * (fraction * mean_prob).sum()
