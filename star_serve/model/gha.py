@@ -41,9 +41,7 @@ def gha_statistics(basis: torch.Tensor, x: torch.Tensor) -> GhaStatistics:
     return GhaStatistics(y.T @ x, y.T @ y, x.shape[0])
 
 
-def gha_step(
-    basis: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, n: int, lr: float
-) -> torch.Tensor:
+def gha_step(basis: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, n: int, lr: float) -> torch.Tensor:
     """One Sanger step from summed statistics; rows renormalised to unit length (no Gram-Schmidt).
 
     Returns a new float32 tensor; the input basis is left untouched. With `n == 0` the basis is
@@ -69,7 +67,7 @@ def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
 
 
 def projection_distance(u: torch.Tensor, v: torch.Tensor) -> float:
-    """`||U^T U - V^T V||_F / sqrt(2E)` of the orthonormalised bases: 0 for equal subspaces, 1 for orthogonal."""
+    """`||U^T U - V^T V||_F / sqrt(2E)` after orthonormalising: 0 for equal subspaces, 1 for orthogonal."""
     qu, qv = orthonormalize(u), orthonormalize(v)
     # ||Pu - Pv||_F^2 = 2E - 2 ||Qu Qv^T||_F^2, without forming the (D, D) projectors.
     e = qu.shape[0]
@@ -84,7 +82,7 @@ def orthogonality_defect(basis: torch.Tensor) -> float:
 
 
 def explained_variance(basis: torch.Tensor, x: torch.Tensor) -> float:
-    """`||X Q^T||^2 / ||X||^2` with Q the orthonormalised basis: the share of the inputs' energy it captures."""
+    """`||X Q^T||^2 / ||X||^2`, Q the orthonormalised basis: the share of the inputs' energy it captures."""
     q = orthonormalize(basis)
     x = x.detach().float().reshape(-1, q.shape[1])
     total = x.square().sum().item()

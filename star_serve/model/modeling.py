@@ -108,7 +108,12 @@ class StarMoeAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, K, hd)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and s > 1, enable_gqa=self.num_kv_heads != self.num_heads
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and s > 1,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -242,12 +247,18 @@ class StarMoeModel(StarMoePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
         mask = build_attention_mask(attention_mask, s, past + s, x.device)
-        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        token_mask = (
+            attention_mask[:, -s:].bool()
+            if attention_mask is not None and attention_mask.dim() == 2
+            else None
+        )
         if router_bank is not None:
             if tenant_index is None:
                 tenant_index = torch.zeros(b, dtype=torch.long, device=x.device)
             if router_bank.shape[1] != len(self.layers):
-                raise ValueError(f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}")
+                raise ValueError(
+                    f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}"
+                )
 
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
@@ -326,7 +337,9 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
         loss = aux_loss = None
         if labels is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
             )
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             aux_loss = self.model.load_balancing_loss(out.router_logits, padding)
@@ -376,7 +389,11 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
         )
         hidden = out.last_hidden_state  # (B, S, D)
         b, s, _ = hidden.shape
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones(b, s, dtype=torch.bool, device=hidden.device)
+        )
         if self.config.classifier_pooling == "mean":
             weights = valid.to(hidden.dtype)[..., None]
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)

@@ -29,6 +29,8 @@ class StarMoeExperts(nn.Module):
         weights: torch.Tensor,  # (N, k)
     ) -> torch.Tensor:
         n, k = expert_indices.shape
+        if n == 0:
+            return torch.zeros_like(x)
         flat = expert_indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)
         token_of = order // k  # which token each grouped row belongs to

@@ -1,0 +1,140 @@
+"""The `star-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines records, or a plain-text file read as one `{"text": ...}` document."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{"text": path.read_text()}]
+
+
+def _split(
+    records: list[dict[str, Any]], eval_path: Path | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The held-out set: `--eval-data`, or else a stable ~5% of the records chosen by hash."""
+    if eval_path is not None:
+        return records, _read_records(eval_path)
+    if len(records) < 2:
+        raise SystemExit("one document only: pass --eval-data, or give a .jsonl file of several records")
+
+    def held_out(record: dict[str, Any]) -> bool:
+        return hashlib.sha1(record["text"].encode()).digest()[0] < 13  # ~5% of 256
+
+    train = [r for r in records if not held_out(r)]
+    heldout = [r for r in records if held_out(r)] or train[-1:]
+    return train, heldout
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from .training.presets import get_preset
+    from .training.trainer import train_classifier, train_lm
+
+    preset = get_preset(args.preset)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+    train, heldout = _split(_read_records(args.data), args.eval_data)
+    if args.task == "lm":
+        result = train_lm(
+            [r["text"] for r in train], [r["text"] for r in heldout], args.out, preset, tokenizer, args.seed
+        )
+    else:
+        labels = sorted({str(r["label"]) for r in train})
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = {str(r["label"]) for r in heldout} - index.keys()
+        if unknown:
+            raise SystemExit(f"held-out labels not seen in training: {sorted(unknown)}")
+
+        def examples(rs: list[dict[str, Any]]) -> list[tuple[str, int]]:
+            return [(r["text"], index[str(r["label"])]) for r in rs]
+
+        result = train_classifier(
+            examples(train), examples(heldout), labels, args.out, preset, tokenizer, args.seed
+        )
+    print(json.dumps(result.summary, indent=2))
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
+    import torch
+
+    from .model.loading import load_model, resolve_device, resolve_dtype
+    from .training.demo import ensure_demo_models
+
+    demo = ensure_demo_models(settings.cache_dir, settings.demo_preset)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    summaries = demo.summaries()
+    lm_summary, clf_summary = summaries.values()
+
+    lm, tokenizer = load_model(demo.lm_dir, "generate", device, dtype)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    torch.manual_seed(settings.seed)
+    output = lm.generate(**inputs, max_new_tokens=args.max_tokens, do_sample=False)
+    continuation = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    print(
+        f"LM held-out loss {lm_summary['heldout_loss']:.3f} nats/token (unigram baseline "
+        f"{lm_summary['unigram_heldout_loss']:.3f})"
+    )
+    print(f"prompt:       {args.prompt!r}\ncontinuation: {continuation!r}\n")
+
+    classifier, tokenizer = load_model(demo.classifier_dir, "classify", device, dtype)
+    with torch.no_grad():
+        logits = classifier(**tokenizer(args.text, return_tensors="pt").to(device)).logits[0]
+    probs = logits.float().softmax(-1)
+    label = classifier.config.id2label[int(probs.argmax())]
+    print(
+        f"classifier held-out accuracy {clf_summary['heldout_accuracy']:.3f} (majority baseline "
+        f"{clf_summary['majority_baseline_accuracy']:.3f})"
+    )
+    print(f"text:  {args.text!r}\nlabel: {label} ({probs.max():.2f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="star-serve", description=__doc__)
+    parser.add_argument("--config", type=Path, help="JSON file of settings (overridden by STAR_* and flags)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a STAR MoE model on a small corpus")
+    train.add_argument("task", choices=("lm", "classifier"))
+    train.add_argument("--data", type=Path, required=True, help=".jsonl of {text[, label]} or a .txt file")
+    train.add_argument("--eval-data", type=Path, help="held-out data (default: a stable 5%% of --data)")
+    train.add_argument("--out", type=Path, required=True, help="output directory (resumes if interrupted)")
+    train.add_argument("--preset", default="tiny", help="tiny, demo, star-182m, star-469m")
+    train.add_argument(
+        "--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one"
+    )
+    train.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="build the demo models if needed, then generate and classify once")
+    demo.add_argument("--prompt", default="Return a list of the words in the string")
+    demo.add_argument("--text", default="Send the request to the server and wait for the HTTP response.")
+    demo.add_argument("--max-tokens", type=int, default=40)
+    demo.add_argument("--device")
+    demo.add_argument("--dtype")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        cmd_train(args)
+        return
+    settings = Settings.load(args.config, device=args.device, dtype=args.dtype)
+    if args.command == "demo":
+        cmd_demo(args, settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

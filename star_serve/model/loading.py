@@ -1,0 +1,40 @@
+"""Loading checkpoints onto a device: CUDA with bfloat16 when there is one, the CPU in float32 otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from .modeling import StarMoePreTrainedModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def load_model(
+    path: str | Path, task: str, device: torch.device, dtype: torch.dtype
+) -> tuple[StarMoePreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads a `star_moe` checkpoint directory for `task` ("generate" or "classify"), in eval mode."""
+    auto = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification}[task]
+    model = auto.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    if not isinstance(model, StarMoePreTrainedModel):
+        raise ValueError(f"{path} is a {type(model).__name__}, not a star_moe model")
+    return model, AutoTokenizer.from_pretrained(str(path))
