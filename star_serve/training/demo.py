@@ -1,5 +1,8 @@
 """The embedded demo models: a causal LM and a text classifier trained offline from Python's own stdlib.
 
+The LM learns the standard library's docstrings and help texts; the classifier fine-tunes the LM's
+backbone to tell which module family a docstring paragraph comes from.
+
 Built once by the project's recipe (a few minutes on 2 CPU cores), cached on disk and reused. A file lock
 makes concurrent callers wait for one build instead of training twice.
 """
@@ -10,11 +13,10 @@ import fcntl
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-
-from transformers import AutoTokenizer
 
 from .corpus import classifier_dataset, lm_corpus
 from .presets import Preset, get_preset
@@ -56,17 +58,17 @@ def ensure_demo_models(cache_dir: Path, preset_name: str = "demo", progress: boo
             _build(models.lm_dir, lambda out: train_lm(train_docs, eval_docs, out, preset, progress=progress))
         if not (models.classifier_dir / SUMMARY).exists():
             train, heldout, labels = classifier_dataset()
-            tokenizer = AutoTokenizer.from_pretrained(models.lm_dir)  # share the LM's vocabulary
+            finetune = replace(preset, steps=preset.steps // 2)
             _build(
                 models.classifier_dir,
                 lambda out: train_classifier(
-                    train, heldout, labels, out, preset, tokenizer=tokenizer, progress=progress
+                    train, heldout, labels, out, finetune, progress=progress, init_from=models.lm_dir
                 ),
             )
     return models
 
 
-def _build(final_dir: Path, train: Any) -> None:
+def _build(final_dir: Path, train: Callable[[Path], object]) -> None:
     """Trains into `<dir>.partial` (resumable after an interruption), then moves it into place."""
     partial = final_dir.with_name(final_dir.name + ".partial")
     train(partial)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..model import (
     StarMoeConfig,
@@ -236,29 +236,35 @@ def train_classifier(
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
     progress: bool = True,
+    init_from: Path | None = None,
 ) -> TrainResult:
-    """Trains a STAR MoE sequence classifier; reports held-out accuracy against the majority class."""
+    """Trains a STAR MoE sequence classifier; reports held-out accuracy against the majority class.
+
+    With `init_from` (a causal-LM checkpoint), the classifier starts from that model's backbone and
+    tokenizer and only its head is new: fine-tuning a pretrained LM rather than training from scratch.
+    """
     torch.manual_seed(seed)
-    tokenizer = tokenizer or train_tokenizer(
-        [t for t, _ in train_examples], preset.vocab_size, model_max_length=preset.seq_len * 4
-    )
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+    if init_from is not None:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(init_from)
+        model = StarMoeForSequenceClassification.from_pretrained(init_from, **labels)
+    else:
+        tokenizer = tokenizer or train_tokenizer(
+            [t for t, _ in train_examples], preset.vocab_size, model_max_length=preset.seq_len * 4
+        )
+        model = StarMoeForSequenceClassification(_build_config(preset, tokenizer, **labels))
 
     def encode(examples: Sequence[tuple[str, int]]) -> tuple[list[list[int]], torch.Tensor]:
-        ids = tokenizer(
-            [t for t, _ in examples], add_special_tokens=False, truncation=True, max_length=preset.seq_len
-        )
+        texts = [t for t, _ in examples]
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=preset.seq_len)
         return ids["input_ids"], torch.tensor([y for _, y in examples], dtype=torch.long)
 
     train_ids, train_labels = encode(train_examples)
     eval_ids, eval_labels = encode(eval_examples)
-    config = _build_config(
-        preset,
-        tokenizer,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    model = StarMoeForSequenceClassification(config)
 
     def next_batch(generator: torch.Generator) -> Batch:
         picks = torch.randint(0, len(train_ids), (preset.batch_size,), generator=generator).tolist()
