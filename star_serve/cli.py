@@ -68,11 +68,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .model.loading import load_model, resolve_device, resolve_dtype
     from .training.demo import ensure_demo_models
 
     demo = ensure_demo_models(settings.cache_dir, settings.demo_preset)
+    hf_logging.disable_progress_bar()
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     summaries = demo.summaries()
