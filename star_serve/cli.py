@@ -20,9 +20,7 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     return [{"text": path.read_text()}]
 
 
-def _split(
-    records: list[dict[str, Any]], eval_path: Path | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _split(records: list[dict[str, Any]], eval_path: Path | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The held-out set: `--eval-data`, or else a stable ~5% of the records chosen by hash."""
     if eval_path is not None:
         return records, _read_records(eval_path)
@@ -60,9 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         def examples(rs: list[dict[str, Any]]) -> list[tuple[str, int]]:
             return [(r["text"], index[str(r["label"])]) for r in rs]
 
-        result = train_classifier(
-            examples(train), examples(heldout), labels, args.out, preset, tokenizer, args.seed
-        )
+        result = train_classifier(examples(train), examples(heldout), labels, args.out, preset, tokenizer, args.seed)
     print(json.dumps(result.summary, indent=2))
 
 
@@ -114,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-data", type=Path, help="held-out data (default: a stable 5%% of --data)")
     train.add_argument("--out", type=Path, required=True, help="output directory (resumes if interrupted)")
     train.add_argument("--preset", default="tiny", help="tiny, demo, star-182m, star-469m")
-    train.add_argument(
-        "--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one"
-    )
+    train.add_argument("--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one")
     train.add_argument("--seed", type=int, default=0)
 
     demo = sub.add_parser("demo", help="build the demo models if needed, then generate and classify once")

@@ -18,13 +18,9 @@ def _default_cache_dir() -> Path:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAR_", extra="forbid")
 
-    cache_dir: Path = Field(
-        default_factory=_default_cache_dir, description="Where demo models are built and kept."
-    )
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Where demo models are built and kept.")
     demo_preset: str = Field("demo", description="Training preset of the embedded demo models.")
-    device: str = Field(
-        "auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'."
-    )
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' is bfloat16 on CUDA and float32 on CPU."
     )

@@ -54,9 +54,7 @@ def register_auto_classes() -> None:
     AutoConfig.register(StarMoeConfig.model_type, StarMoeConfig, exist_ok=True)
     AutoModel.register(StarMoeConfig, StarMoeModel, exist_ok=True)
     AutoModelForCausalLM.register(StarMoeConfig, StarMoeForCausalLM, exist_ok=True)
-    AutoModelForSequenceClassification.register(
-        StarMoeConfig, StarMoeForSequenceClassification, exist_ok=True
-    )
+    AutoModelForSequenceClassification.register(StarMoeConfig, StarMoeForSequenceClassification, exist_ok=True)
 
 
 register_auto_classes()

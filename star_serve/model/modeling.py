@@ -249,18 +249,12 @@ class StarMoeModel(StarMoePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
         mask = build_attention_mask(attention_mask, s, past + s, x.device)
-        token_mask = (
-            attention_mask[:, -s:].bool()
-            if attention_mask is not None and attention_mask.dim() == 2
-            else None
-        )
+        token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
         if router_bank is not None:
             if tenant_index is None:
                 tenant_index = torch.zeros(b, dtype=torch.long, device=x.device)
             if router_bank.shape[1] != len(self.layers):
-                raise ValueError(
-                    f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}"
-                )
+                raise ValueError(f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}")
 
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
@@ -286,8 +280,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         k = self.config.num_experts_per_tok
         token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
         losses = [
-            switch_load_balancing_loss(logits, logits.topk(k, dim=-1).indices, token_mask)
-            for logits in router_logits
+            switch_load_balancing_loss(logits, logits.topk(k, dim=-1).indices, token_mask) for logits in router_logits
         ]
         return torch.stack(losses).sum()
 

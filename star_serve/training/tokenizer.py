@@ -15,9 +15,7 @@ from transformers import PreTrainedTokenizerFast
 END_OF_TEXT = "<|endoftext|>"
 
 
-def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, model_max_length: int = 1024
-) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
     """Trains a byte-level BPE with ``vocab_size`` entries (fewer if the texts run out of merges).
 
     ``<|endoftext|>`` has id 0 and serves as bos, eos and pad token; nothing is added to encodings

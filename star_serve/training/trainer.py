@@ -72,9 +72,7 @@ def fit(
     progress: bool,
 ) -> dict[str, float]:
     """Runs the optimisation loop, resuming from `out_dir/checkpoint.pt` when one is there."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=preset.learning_rate, weight_decay=preset.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.learning_rate, weight_decay=preset.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(preset))
     generator = torch.Generator().manual_seed(seed)
     step, first_loss, elapsed = 0, float("nan"), 0.0
@@ -187,21 +185,15 @@ def train_lm(
 ) -> TrainResult:
     """Trains a STAR MoE causal LM on documents; reports held-out loss against a unigram baseline."""
     torch.manual_seed(seed)
-    tokenizer = tokenizer or train_tokenizer(
-        train_docs, preset.vocab_size, model_max_length=preset.seq_len * 4
-    )
+    tokenizer = tokenizer or train_tokenizer(train_docs, preset.vocab_size, model_max_length=preset.seq_len * 4)
     train_stream = _token_stream(tokenizer, train_docs)
     eval_stream = _token_stream(tokenizer, eval_docs)
     if len(train_stream) <= preset.seq_len:
-        raise ValueError(
-            f"training data has {len(train_stream)} tokens, fewer than one sequence of {preset.seq_len}"
-        )
+        raise ValueError(f"training data has {len(train_stream)} tokens, fewer than one sequence of {preset.seq_len}")
     model = StarMoeForCausalLM(_build_config(preset, tokenizer))
 
     def next_batch(generator: torch.Generator) -> Batch:
-        starts = torch.randint(
-            0, len(train_stream) - preset.seq_len, (preset.batch_size,), generator=generator
-        )
+        starts = torch.randint(0, len(train_stream) - preset.seq_len, (preset.batch_size,), generator=generator)
         ids = torch.stack([train_stream[s : s + preset.seq_len] for s in starts.tolist()])
         return {"input_ids": ids, "labels": ids}
 

@@ -72,9 +72,7 @@ def test_incremental_decoding_with_left_padding(make_model: Callable[..., Any]) 
         torch.testing.assert_close(out.logits[0, pad:], full[0, pad:prefix], rtol=0, atol=ATOL)
         cache = out.past_key_values
         for t in range(prefix, ids.shape[1]):
-            out = model(
-                ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True
-            )
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
             torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=0, atol=ATOL)
             torch.testing.assert_close(out.logits[0, -1], alone0[t - pad], rtol=0, atol=ATOL)
             cache = out.past_key_values

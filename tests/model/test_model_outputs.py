@@ -34,9 +34,7 @@ def test_router_logits_and_routing_outputs(router_type: str, make_model: Callabl
 
         pre_norm: list[torch.Tensor] = []
         handles = [
-            layer.post_attention_layernorm.register_forward_hook(
-                lambda _m, args, _o: pre_norm.append(args[0])
-            )
+            layer.post_attention_layernorm.register_forward_hook(lambda _m, args, _o: pre_norm.append(args[0]))
             for layer in model.model.layers
         ]
         out = model(ids, output_router_logits=True, output_routing=True)
@@ -95,9 +93,7 @@ def manual_aux(router_logits: tuple[torch.Tensor, ...], k: int, keep: torch.Tens
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_causal_lm_loss_is_cross_entropy_plus_weighted_aux(
-    top_k: int, make_model: Callable[..., Any]
-) -> None:
+def test_causal_lm_loss_is_cross_entropy_plus_weighted_aux(top_k: int, make_model: Callable[..., Any]) -> None:
     coef = 0.25
     model = make_model(router_type="star", num_experts_per_tok=top_k, router_aux_loss_coef=coef)
     ids = torch.randint(1, 101, (B, S))

@@ -27,9 +27,7 @@ def randomise_router(router: StarMoeRouter, gen: torch.Generator) -> None:
             router.star_gate.gha.basis.copy_(v / v.norm(dim=1, keepdim=True))
 
 
-def expected_logits(
-    router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor | None = None
-) -> torch.Tensor:
+def expected_logits(router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
     """STAR.md's gate in float64, token by token; `bases` (B, E, D) replaces V per sequence."""
     x = x.double()
     out = torch.zeros(x.shape[0], x.shape[1], E, dtype=torch.float64)
@@ -52,9 +50,7 @@ def expected_logits(
 
 
 @pytest.mark.parametrize("router_type", ["star", "star_gha_only", "linear", "mpi"])
-def test_gate_matches_formula_in_eval_mode(
-    router_type: str, make_config: Callable[..., StarMoeConfig]
-) -> None:
+def test_gate_matches_formula_in_eval_mode(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
     gen = torch.Generator().manual_seed(10)
     router = StarMoeRouter(make_config(router_type=router_type))
     randomise_router(router, gen)

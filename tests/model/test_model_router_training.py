@@ -39,9 +39,7 @@ def gate_logits(router: Any, x: torch.Tensor, basis: torch.Tensor) -> torch.Tens
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_training_forward_takes_exactly_one_gha_step_per_layer(
-    padded: bool, make_model: Callable[..., Any]
-) -> None:
+def test_training_forward_takes_exactly_one_gha_step_per_layer(padded: bool, make_model: Callable[..., Any]) -> None:
     model = make_model(router_type="star", gha_learning_rate=LR)
     eval_twin = copy.deepcopy(model).eval()
     ids = torch.randint(1, 101, (3, 9))
@@ -79,9 +77,7 @@ def test_training_forward_takes_exactly_one_gha_step_per_layer(
             torch.testing.assert_close(
                 out.router_logits[layer], gate_logits(router, x, new).reshape(-1, 4), rtol=0, atol=1e-5
             )
-            assert not torch.allclose(
-                out.router_logits[layer], gate_logits(router, x, old).reshape(-1, 4), atol=1e-5
-            )
+            assert not torch.allclose(out.router_logits[layer], gate_logits(router, x, old).reshape(-1, 4), atol=1e-5)
 
 
 def test_two_training_forwards_take_two_steps(make_model: Callable[..., Any]) -> None:

@@ -47,8 +47,7 @@ def test_mixed_tenant_batch_equals_each_sequence_alone(
         for other in (1, 2):
             swapped = model(ids[:1], router_bank=bank[other : other + 1], output_routing=True)
             routing_changed = any(
-                not torch.equal(swapped.expert_indices[layer], mixed.expert_indices[layer][:1])
-                for layer in range(2)
+                not torch.equal(swapped.expert_indices[layer], mixed.expert_indices[layer][:1]) for layer in range(2)
             )
             differences.append(routing_changed)
             assert (swapped.logits - mixed.logits[:1]).abs().max() > 1e-3
@@ -64,9 +63,7 @@ def test_omitting_the_bank_equals_the_trained_bases(make_model: Callable[..., An
         assert torch.equal(own[layer], router.star_gate.gha.basis)
     with torch.no_grad():
         plain = model(ids, output_routing=True)
-        banked = model(
-            ids, router_bank=own[None], tenant_index=torch.zeros(3, dtype=torch.long), output_routing=True
-        )
+        banked = model(ids, router_bank=own[None], tenant_index=torch.zeros(3, dtype=torch.long), output_routing=True)
         defaulted = model(ids, router_bank=own[None])  # tenant_index defaults to tenant 0
         other = model(ids, router_bank=tenant_bank(model, (2.0,)))
     torch.testing.assert_close(banked.logits, plain.logits, rtol=0, atol=1e-5)
@@ -116,9 +113,7 @@ def test_generate_with_mixed_tenants_equals_each_row_alone(make_model: Callable[
         assert alone[0, 5:].tolist() == full[4:-1].argmax(-1).tolist()
         outputs_by_tenant.append(
             [
-                model.generate(
-                    prompts[i : i + 1], attention_mask=mask[:1], router_bank=bank[o : o + 1], **kwargs
-                )
+                model.generate(prompts[i : i + 1], attention_mask=mask[:1], router_bank=bank[o : o + 1], **kwargs)
                 for o in range(3)
             ]
         )

@@ -18,9 +18,7 @@ def pattern_batch() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("router_type", ["star", "linear"])
-def test_adamw_lowers_the_loss_on_a_repetitive_pattern(
-    router_type: str, make_model: Callable[..., Any]
-) -> None:
+def test_adamw_lowers_the_loss_on_a_repetitive_pattern(router_type: str, make_model: Callable[..., Any]) -> None:
     model = make_model(router_type=router_type, gha_learning_rate=1e-2).train()
     names = {n for n, _ in model.named_parameters()}
     assert not any(n.endswith("gha.basis") for n in names), "the basis must not be a trainable parameter"

@@ -1,0 +1,307 @@
+"""Continuous batching for generation.
+
+One engine thread owns the model. At every iteration it drops finished, cancelled and timed-out
+sequences, admits waiting ones into free KV-cache slots (their prefills batched in one forward), and runs
+one decode forward over every running sequence, whatever its tenant: each sequence routes with its own
+tenant's bases through the tenant bank. Callers talk to it through `generate`, an async iterator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..adaptation import TenantBank
+from ..model import StarMoeForCausalLM
+from .kv_cache import SlotKVCache
+from .sampling import make_generator, sample
+from .types import (
+    EngineDraining,
+    EngineOverloaded,
+    EngineStats,
+    GenerationOutput,
+    RequestTooLong,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 32  # KV-cache slots: sequences decoded together
+    max_waiting: int = 128  # admission queue; beyond it, requests are refused (429)
+    max_prefill_batch: int = 16  # newcomers prefilled in one forward
+    request_timeout: float = 300.0  # seconds from submission to the last token
+
+
+@dataclass
+class _Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str
+    emit: Callable[[GenerationOutput], None]
+    return_routing: bool
+    deadline: float
+    generator: torch.Generator | None
+    slot: int = -1
+    version: int = 0
+    generated: list[int] = field(default_factory=list)
+    emitted_chars: int = 0
+    cancelled: bool = False
+    routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.generated)
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        model: StarMoeForCausalLM,
+        tokenizer: PreTrainedTokenizerBase,
+        bank: TenantBank,
+        config: EngineConfig = EngineConfig(),
+    ) -> None:
+        self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
+        self.device = next(model.parameters()).device
+        self.max_context = model.config.max_position_embeddings
+        self.cache = SlotKVCache(
+            model.config, config.max_running, self.max_context, self.device, next(model.parameters()).dtype
+        )
+        self._free_slots = list(range(config.max_running))
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self.draining = False
+        self.steps = itertools.count()
+        self.last_step_at = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
+
+    # -- the caller's side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running), waiting=len(self._waiting))
+
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_context:
+            raise RequestTooLong(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {self.max_context} tokens"
+            )
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tenant: str,
+        return_routing: bool = False,
+        choice: int = 0,
+    ) -> AsyncIterator[GenerationOutput]:
+        """Streams the generation of one sequence; closing the iterator early cancels it."""
+        if not prompt_ids:
+            raise RequestTooLong("the prompt is empty")
+        self.check_length(len(prompt_ids), params.max_tokens)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        seq = _Sequence(
+            prompt_ids=list(prompt_ids),
+            params=params,
+            tenant=tenant,
+            emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
+            return_routing=return_routing,
+            deadline=time.monotonic() + self.config.request_timeout,
+            generator=make_generator(params, choice),
+        )
+        with self._wakeup:
+            if self.draining or self._stopping:
+                raise EngineDraining()
+            if len(self._waiting) >= self.config.max_waiting:
+                raise EngineOverloaded(retry_after=1.0)
+            self._waiting.append(seq)
+            self._wakeup.notify()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not finished:
+                seq.cancelled = True  # the engine frees its slot at the next iteration
+                with self._wakeup:
+                    self._wakeup.notify()
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not (self._stopping or self._waiting or self._running):
+                    self._wakeup.wait(timeout=1.0)
+                    self.last_step_at = time.monotonic()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception:  # a failed step must not kill the engine; its sequences end with "error"
+                log.exception("generation step failed")
+                for seq in [*self._running]:
+                    self._finish(seq, "error")
+            self.last_step_at = time.monotonic()
+        for seq in [*self._running, *self._waiting]:
+            self._finish(seq, "cancelled")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: reap, admit and prefill newcomers, decode everyone else by one token."""
+        next(self.steps)
+        now = time.monotonic()
+        for seq in [*self._running]:
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            elif now > seq.deadline:
+                self._finish(seq, "timeout")
+        decoding = [*self._running]
+        newcomers = self._admit()
+        if newcomers:
+            self._forward(newcomers, prefill=True)
+        if decoding:
+            self._forward(decoding, prefill=False)
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        with self._wakeup:
+            while self._waiting and self._free_slots and len(admitted) < self.config.max_prefill_batch:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    continue
+                seq.slot = self._free_slots.pop()
+                admitted.append(seq)
+        self._running.extend(admitted)
+        return admitted
+
+    def _forward(self, batch: list[_Sequence], prefill: bool) -> None:
+        if prefill:
+            width = max(len(s.prompt_ids) for s in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            for i, s in enumerate(batch):
+                ids[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+            starts = torch.zeros(len(batch), dtype=torch.long)
+            last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
+        else:
+            ids = torch.tensor([[s.generated[-1]] for s in batch])
+            starts = torch.tensor([s.length - 1 for s in batch])
+            last = torch.zeros(len(batch), dtype=torch.long)
+        view = self.bank.lookup([s.tenant for s in batch])
+        if prefill:
+            for s, version in zip(batch, view.versions, strict=True):
+                s.version = version
+        slots = torch.tensor([s.slot for s in batch])
+        positions, mask = self.cache.bind(slots, starts, ids.shape[1])
+        want_routing = any(s.return_routing for s in batch)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            router_bank=view.bank,
+            tenant_index=view.index,
+            output_routing=want_routing,
+        )
+        rows = torch.arange(len(batch), device=self.device)
+        next_logits = out.logits[rows, last.to(self.device)]  # (B, V)
+        if want_routing:
+            self._count_routing(batch, out.expert_indices, [len(s.prompt_ids) if prefill else 1 for s in batch])
+        tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
+        for seq, token in zip(batch, tokens, strict=True):
+            seq.generated.append(token)
+            self._emit_progress(seq)
+
+    def _count_routing(self, batch: list[_Sequence], experts: tuple[torch.Tensor, ...], lengths: list[int]) -> None:
+        num_experts = self.model.config.num_local_experts
+        for i, seq in enumerate(batch):
+            if not seq.return_routing:
+                continue
+            counts = torch.stack(
+                [torch.bincount(layer[i, : lengths[i]].reshape(-1).cpu(), minlength=num_experts) for layer in experts]
+            )  # (L, E)
+            seq.routing = counts if seq.routing is None else seq.routing + counts
+
+    def _emit_progress(self, seq: _Sequence) -> None:
+        """Emits the text that became final with the newest token, and finishes the sequence if done."""
+        eos = seq.generated[-1] == self.tokenizer.eos_token_id
+        ids = seq.generated[:-1] if eos else seq.generated
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in seq.params.stop:
+            at = text.find(stop, max(0, seq.emitted_chars - len(stop)))
+            if at != -1:
+                self._send(seq, text[:at])
+                self._finish(seq, "stop")
+                return
+        if eos:
+            self._send(seq, text)
+            self._finish(seq, "stop")
+            return
+        if len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context:
+            self._send(seq, text)
+            self._finish(seq, "length")
+            return
+        self._send(seq, text[: len(text) - _held_back(text, seq.params.stop)])
+
+    def _send(self, seq: _Sequence, text: str) -> None:
+        if len(text) > seq.emitted_chars:
+            seq.emit(GenerationOutput(text=text[seq.emitted_chars :], token_ids=[]))
+            seq.emitted_chars = len(text)
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+            self._free_slots.append(seq.slot)
+        seq.emit(
+            GenerationOutput(
+                text="",
+                token_ids=list(seq.generated),
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.generated),
+                subspace_version=seq.version,
+                routing=seq.routing.tolist() if seq.routing is not None else None,
+            )
+        )
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters to hold back: an unfinished UTF-8 character, or a possible stop prefix."""
+    held = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                held = max(held, n)
+                break
+    return held
