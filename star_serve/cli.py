@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,51 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     print(f"text:  {args.text!r}\nlabel: {label} ({probs.max():.2f})")
 
 
+def cmd_serve(settings: Settings) -> None:
+    import uvicorn
+
+    from .api.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    server = _draining_server_class()(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5),
+        drain_timeout=settings.drain_timeout,
+    )
+    server.run()
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM or SIGINT: readiness fails and new requests get 503 while in-flight requests finish
+        (up to `drain_timeout`); then uvicorn shuts down as usual. A second signal exits at once."""
+
+        def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
+            super().__init__(config)
+            self.drain_timeout = drain_timeout
+            self._draining = False
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            state = self.config.app.state.star if hasattr(self.config.app, "state") else None
+            if self._draining or state is None:
+                super().handle_exit(sig, frame)
+                return
+            self._draining = True
+            state.begin_drain()
+            logging.getLogger(__name__).info("draining: %d requests in flight", state.in_flight)
+            threading.Thread(target=self._finish_drain, args=(state, sig, frame), daemon=True).start()
+
+        def _finish_drain(self, state: object, sig: int, frame: object) -> None:
+            deadline = time.monotonic() + self.drain_timeout
+            while getattr(state, "in_flight", 0) > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="star-serve", description=__doc__)
     parser.add_argument("--config", type=Path, help="JSON file of settings (overridden by STAR_* and flags)")
@@ -112,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="tiny", help="tiny, demo, star-182m, star-469m")
     train.add_argument("--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one")
     train.add_argument("--seed", type=int, default=0)
+
+    serve = sub.add_parser("serve", help="serve models over HTTP (the demo models when no --model is given)")
+    serve.add_argument("--model", action="append", dest="models", metavar="[NAME=]DIR", help="repeatable")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device")
+    serve.add_argument("--dtype")
 
     demo = sub.add_parser("demo", help="build the demo models if needed, then generate and classify once")
     demo.add_argument("--prompt", default="Return a list of the words in the string")
@@ -127,9 +182,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "train":
         cmd_train(args)
         return
-    settings = Settings.load(args.config, device=args.device, dtype=args.dtype)
+    overrides = {k: getattr(args, k, None) for k in ("device", "dtype", "host", "port", "models")}
+    settings = Settings.load(args.config, **overrides)
     if args.command == "demo":
         cmd_demo(args, settings)
+    elif args.command == "serve":
+        cmd_serve(settings)
 
 
 if __name__ == "__main__":

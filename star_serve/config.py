@@ -26,6 +26,29 @@ class Settings(BaseSettings):
     )
     seed: int = Field(0, description="Seed for anything random at start-up.")
 
+    # Serving
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP server.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="Checkpoints to serve, as NAME=DIR or DIR (named after the directory); none: the demo models.",
+    )
+    admin_key: str | None = Field(None, description="Enables auth: the key of the admin API. Unset: no auth.")
+    state_dir: Path | None = Field(None, description="Where tenants and keys persist (default: CACHE_DIR/state).")
+    max_running: int = Field(32, ge=1, description="Sequences decoded together (KV-cache slots) per model.")
+    max_waiting: int = Field(128, ge=0, description="Requests queued beyond the running ones before 429s.")
+    max_prefill_batch: int = Field(16, ge=1, description="Newcomers prefilled in one forward.")
+    classify_max_batch: int = Field(32, ge=1, description="Inputs classified in one forward.")
+    classify_max_wait_ms: float = Field(5.0, ge=0, description="How long a classify batch waits to fill.")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it is ended.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies beyond this size get 413.")
+    max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
+    drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir or self.cache_dir / "state"
+
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
         """Settings from an optional JSON file, under the environment, under explicit overrides."""

@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..adaptation import TenantBank
 from ..model import StarMoeForSequenceClassification
-from .types import ClassificationResult, EngineDraining, EngineOverloaded
+from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class ClassificationEngine:
         tokenizer: PreTrainedTokenizerBase,
         bank: TenantBank,
         config: BatcherConfig = BatcherConfig(),
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
+        self.on_step = on_step
         self.device = next(model.parameters()).device
         self.max_context = min(model.config.max_position_embeddings, config.max_input_tokens)
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -82,9 +85,8 @@ class ClassificationEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def waiting(self) -> int:
-        return self._pending.qsize()
+    def stats(self) -> EngineStats:
+        return EngineStats(running=0, waiting=self._pending.qsize())
 
     async def classify(self, texts: list[str], tenant: str, return_routing: bool = False) -> list[ClassificationResult]:
         if self.draining:
@@ -138,6 +140,8 @@ class ClassificationEngine:
             tenant_index=view.index,
             output_routing=want_routing,
         )
+        if self.on_step is not None:
+            self.on_step(StepStats("classify", len(batch), int(mask.sum())))
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

@@ -31,6 +31,7 @@ from .types import (
     GenerationOutput,
     RequestTooLong,
     SamplingParams,
+    StepStats,
 )
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,52 @@ class _Sequence:
     emitted_chars: int = 0
     cancelled: bool = False
     routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
+    submitted_at: float = field(default_factory=time.monotonic)
+    queue_seconds: float | None = None
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.generated)
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to generate: choice `i` of a request with `n` choices seeds its sampler with seed + i."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str
+    return_routing: bool = False
+    choice: int = 0
+
+
+class GenerationStream:
+    """The caller's end of one sequence: an async iterator of outputs; `cancel` (or not reading it to the
+    end and calling `cancel`) frees the sequence's slot at the engine's next iteration."""
+
+    def __init__(self, engine: GenerationEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self._engine, self._loop = engine, loop
+        self._queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        self.sequence: _Sequence | None = None
+        self.finished = False
+
+    def push(self, output: GenerationOutput) -> None:
+        """Called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    def __aiter__(self) -> AsyncIterator[GenerationOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[GenerationOutput]:
+        while not self.finished:
+            output = await self._queue.get()
+            self.finished = output.finish_reason is not None
+            yield output
+
+    def cancel(self) -> None:
+        if self.sequence is not None and not self.finished:
+            self.sequence.cancelled = True
+            self._engine.wake()
 
 
 class GenerationEngine:
@@ -72,8 +115,10 @@ class GenerationEngine:
         tokenizer: PreTrainedTokenizerBase,
         bank: TenantBank,
         config: EngineConfig = EngineConfig(),
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
+        self.on_step = on_step
         self.device = next(model.parameters()).device
         self.max_context = model.config.max_position_embeddings
         self.cache = SlotKVCache(
@@ -114,47 +159,43 @@ class GenerationEngine:
                 f"context of {self.max_context} tokens"
             )
 
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        tenant: str,
-        return_routing: bool = False,
-        choice: int = 0,
-    ) -> AsyncIterator[GenerationOutput]:
-        """Streams the generation of one sequence; closing the iterator early cancels it."""
-        if not prompt_ids:
-            raise RequestTooLong("the prompt is empty")
-        self.check_length(len(prompt_ids), params.max_tokens)
+    def submit(self, requests: list[SequenceRequest]) -> list[GenerationStream]:
+        """Queues sequences all together or not at all (EngineOverloaded, EngineDraining).
+
+        Must be called on the event loop that will consume the returned streams.
+        """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
-        seq = _Sequence(
-            prompt_ids=list(prompt_ids),
-            params=params,
-            tenant=tenant,
-            emit=lambda out: loop.call_soon_threadsafe(queue.put_nowait, out),
-            return_routing=return_routing,
-            deadline=time.monotonic() + self.config.request_timeout,
-            generator=make_generator(params, choice),
-        )
+        for request in requests:
+            if not request.prompt_ids:
+                raise RequestTooLong("the prompt is empty")
+            self.check_length(len(request.prompt_ids), request.params.max_tokens)
+        streams = [GenerationStream(self, loop) for _ in requests]
+        seqs = [
+            _Sequence(
+                prompt_ids=list(r.prompt_ids),
+                params=r.params,
+                tenant=r.tenant,
+                emit=stream.push,
+                return_routing=r.return_routing,
+                deadline=time.monotonic() + self.config.request_timeout,
+                generator=make_generator(r.params, r.choice),
+            )
+            for r, stream in zip(requests, streams, strict=True)
+        ]
         with self._wakeup:
             if self.draining or self._stopping:
                 raise EngineDraining()
-            if len(self._waiting) >= self.config.max_waiting:
+            if len(self._waiting) + len(seqs) > self.config.max_waiting + len(self._free_slots):
                 raise EngineOverloaded(retry_after=1.0)
-            self._waiting.append(seq)
+            self._waiting.extend(seqs)
             self._wakeup.notify()
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finish_reason is not None
-                yield out
-        finally:
-            if not finished:
-                seq.cancelled = True  # the engine frees its slot at the next iteration
-                with self._wakeup:
-                    self._wakeup.notify()
+        for stream, seq in zip(streams, seqs, strict=True):
+            stream.sequence = seq
+        return streams
+
+    def wake(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
 
     # -- the engine thread -------------------------------------------------------------------------
 
@@ -201,6 +242,7 @@ class GenerationEngine:
                 if seq.cancelled:
                     continue
                 seq.slot = self._free_slots.pop()
+                seq.queue_seconds = time.monotonic() - seq.submitted_at
                 admitted.append(seq)
         self._running.extend(admitted)
         return admitted
@@ -234,6 +276,9 @@ class GenerationEngine:
             tenant_index=view.index,
             output_routing=want_routing,
         )
+        if self.on_step is not None:
+            phase = "prefill" if prefill else "decode"
+            self.on_step(StepStats(phase, len(batch), int(ids.numel())))
         rows = torch.arange(len(batch), device=self.device)
         next_logits = out.logits[rows, last.to(self.device)]  # (B, V)
         if want_routing:
@@ -292,6 +337,7 @@ class GenerationEngine:
                 completion_tokens=len(seq.generated),
                 subspace_version=seq.version,
                 routing=seq.routing.tolist() if seq.routing is not None else None,
+                queue_seconds=seq.queue_seconds,
             )
         )
 

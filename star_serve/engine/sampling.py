@@ -10,10 +10,10 @@ from .types import SamplingParams
 
 
 def make_generator(params: SamplingParams, choice: int = 0) -> torch.Generator | None:
-    """A seeded generator for a request with `seed` (choice i of `n` gets seed + i), else None."""
+    """A seeded generator for a request with `seed`, distinct per choice of `n`; None without a seed."""
     if params.seed is None:
         return None
-    return torch.Generator().manual_seed(params.seed + choice)
+    return torch.Generator().manual_seed((params.seed * 1_000_003 + choice) % 2**63)
 
 
 def sample(

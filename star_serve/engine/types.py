@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class GenerationOutput:
     completion_tokens: int = 0
     subspace_version: int = 0
     routing: list[list[int]] | None = None  # per layer: tokens routed to each expert
+    queue_seconds: float | None = None  # from submission to the first forward (final event only)
 
 
 @dataclass
@@ -42,13 +43,21 @@ class ClassificationResult:
     tokens: int = 0
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one forward did: `phase` is "prefill", "decode" or "classify"."""
+
+    phase: str
+    batch_size: int
+    tokens: int
+
+
 @dataclass
 class EngineStats:
     """A snapshot of the engine's load, for readiness and metrics."""
 
     running: int = 0
     waiting: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 class EngineError(Exception):

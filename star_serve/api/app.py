@@ -1,0 +1,167 @@
+"""`create_app(settings)`: the wiring. The lifespan loads the models and starts their engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..adaptation import TenantBank
+from ..config import Settings
+from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
+from ..metrics import ServingMetrics
+from ..model.loading import load_model, resolve_device, resolve_dtype
+from .errors import PayloadTooLarge, install_error_handlers
+from .routes import admin, health, inference
+from .state import AppState, ServedModel
+from .tenants import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+
+def model_sources(settings: Settings) -> dict[str, Path]:
+    """NAME -> checkpoint directory, from `settings.models`, or the demo models when none is given."""
+    if not settings.models:
+        from ..training.demo import DEMO_CLASSIFIER, DEMO_LM, ensure_demo_models
+
+        demo = ensure_demo_models(settings.cache_dir, settings.demo_preset)
+        return {DEMO_LM: demo.lm_dir, DEMO_CLASSIFIER: demo.classifier_dir}
+    sources = {}
+    for spec in settings.models:
+        name, _, path = spec.rpartition("=")
+        directory = Path(path).expanduser()
+        sources[name or directory.name] = directory
+    return sources
+
+
+def _task_of(directory: Path) -> Literal["generate", "classify"]:
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    return "classify" if any("SequenceClassification" in a for a in architectures) else "generate"
+
+
+def load_served_model(name: str, directory: Path, state: AppState) -> ServedModel:
+    settings, metrics = state.settings, state.metrics
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    task = _task_of(directory)
+    model, tokenizer = load_model(directory, task, device, dtype)
+    trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
+    bank = TenantBank(trained, device, dtype)
+
+    def on_step(stats: object) -> None:
+        metrics.observe_step(name, stats)  # type: ignore[arg-type]
+
+    engine: GenerationEngine | ClassificationEngine
+    if task == "generate":
+        config = EngineConfig(
+            max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
+            max_prefill_batch=settings.max_prefill_batch,
+            request_timeout=settings.request_timeout,
+        )
+        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step)  # type: ignore[arg-type]
+    else:
+        batcher = BatcherConfig(
+            max_batch=settings.classify_max_batch,
+            max_wait=settings.classify_max_wait_ms / 1000,
+            max_waiting=max(1, settings.max_waiting * 4),
+        )
+        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step)  # type: ignore[arg-type]
+    return ServedModel(name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()))
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = ServingMetrics()
+    state = AppState(
+        settings=settings, metrics=metrics, tenants=TenantRegistry(settings.resolved_state_dir / "tenants.json")
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sources = await asyncio.to_thread(model_sources, settings)
+        for name, directory in sources.items():
+            served = await asyncio.to_thread(load_served_model, name, directory, state)
+            served.engine.start()
+            state.models[name] = served
+            metrics.engine_up.labels(name).set_function(lambda e=served.engine: float(e.alive))
+        metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
+        state.ready = True
+        log.info("serving %s", ", ".join(f"{n} ({m.task})" for n, m in state.models.items()))
+        try:
+            yield
+        finally:
+            state.ready = False
+            for served in state.models.values():
+                served.engine.stop()
+
+    app = FastAPI(title="star-serve", version="0.1.0", lifespan=lifespan)
+    app.state.star = state
+    install_error_handlers(app, metrics)
+    app.include_router(health)
+    app.include_router(inference)
+    app.include_router(admin)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlight, state=state)
+    return app
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_error(send, 413, f"request body over {self.max_bytes} bytes")
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge(f"request body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class InFlight:
+    """Counts HTTP requests in progress (a streamed response until its last byte), for the drain."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        self.state.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
+
+
+async def _send_error(send: Send, status: int, message: str) -> None:
+    from .schemas import error_body
+
+    body = json.dumps(error_body(message, "invalid_request_error", None, status)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

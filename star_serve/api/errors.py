@@ -1,0 +1,97 @@
+"""The one place that maps errors to HTTP statuses and OpenAI-style error bodies."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine import EngineDraining, EngineOverloaded, RequestTooLong
+from ..metrics import ServingMetrics
+from .schemas import error_body
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "authentication_error"
+
+
+class Forbidden(ApiError):
+    status, type = 403, "permission_error"
+
+
+class NotFound(ApiError):
+    status, type = 404, "not_found_error"
+
+
+class Conflict(ApiError):
+    status, type = 409, "conflict_error"
+
+
+class PayloadTooLarge(ApiError):
+    status, type = 413, "invalid_request_error"
+
+
+def _response(status: int, message: str, type_: str, param: str | None = None, **headers: str) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers or None)
+
+
+def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
+    def counted(type_: str) -> None:
+        metrics.errors.labels(type_).inc()
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        counted(exc.type)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return _response(exc.status, exc.message, exc.type, exc.param, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        counted("invalid_request_error")
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(part) for part in first.get("loc", ()) if part != "body"]
+        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
+        return _response(400, message, "invalid_request_error", ".".join(where) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        counted(type_)
+        return _response(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(RequestTooLong)
+    async def too_long(_: Request, exc: RequestTooLong) -> JSONResponse:
+        counted("invalid_request_error")
+        return _response(400, str(exc), "invalid_request_error", "max_tokens")
+
+    @app.exception_handler(EngineOverloaded)
+    async def overloaded(_: Request, exc: EngineOverloaded) -> JSONResponse:
+        counted("overloaded_error")
+        return _response(
+            429, str(exc), "overloaded_error", None, **{"Retry-After": str(max(1, round(exc.retry_after)))}
+        )
+
+    @app.exception_handler(EngineDraining)
+    async def draining(_: Request, exc: EngineDraining) -> JSONResponse:
+        counted("unavailable_error")
+        return _response(503, str(exc), "unavailable_error", None, **{"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        counted("internal_error")
+        return _response(500, "internal server error", "internal_error")

@@ -1,0 +1,154 @@
+"""Thin HTTP routes: parse, authorize, hand to the serving logic, answer."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .auth import AdminPrincipal, CurrentPrincipal, State
+from .schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    KeyCreated,
+    KeyInfo,
+    KeyList,
+    ModelCard,
+    ModelList,
+    Tenant,
+    TenantCreate,
+    TenantList,
+)
+from .serving import GenerationCall, classify
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503)
+}
+
+health = APIRouter(tags=["health"])
+inference = APIRouter(prefix="/v1", tags=["inference"], responses=ERRORS)
+admin = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
+
+
+@health.get("/health")
+async def get_health(state: State) -> JSONResponse:
+    """Liveness: the process and its engine loops are alive. Never looks at the store."""
+    dead = [name for name, m in state.models.items() if state.ready and not m.engine.alive]
+    if dead:
+        return JSONResponse({"status": "engine stopped", "models": dead}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@health.get("/ready")
+async def get_ready(state: State) -> JSONResponse:
+    """Readiness: models loaded and not draining."""
+    if state.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not state.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready", "models": sorted(state.models)})
+
+
+@health.get("/metrics", response_class=PlainTextResponse)
+async def get_metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@inference.get("/models")
+async def list_models(state: State, _: CurrentPrincipal) -> ModelList:
+    return ModelList(
+        data=[
+            ModelCard(id=m.name, created=m.created, task=m.task, max_model_len=m.engine.max_context)
+            for m in state.models.values()
+        ]
+    )
+
+
+@inference.post("/completions", response_model=CompletionResponse)
+async def create_completion(
+    body: CompletionRequest, request: Request, state: State, principal: CurrentPrincipal
+) -> Response | CompletionResponse | ChatCompletionResponse:
+    return await _generate(body, request, state, principal, "completions")
+
+
+@inference.post("/chat/completions", response_model=ChatCompletionResponse)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: State, principal: CurrentPrincipal
+) -> Response | CompletionResponse | ChatCompletionResponse:
+    return await _generate(body, request, state, principal, "chat")
+
+
+async def _generate(
+    body: CompletionRequest | ChatCompletionRequest,
+    request: Request,
+    state: State,
+    principal: CurrentPrincipal,
+    endpoint: str,
+) -> Response | CompletionResponse | ChatCompletionResponse:
+    served = state.model(body.model, "generate")
+    call = GenerationCall(state, served, principal, body)
+    started = time.monotonic()
+    call.start()
+    if body.stream:
+        return call.stream()
+    try:
+        return await call.respond(request)
+    finally:
+        state.metrics.request_latency.labels(served.name, endpoint).observe(time.monotonic() - started)
+
+
+@inference.post("/classify")
+async def create_classification(body: ClassifyRequest, state: State, principal: CurrentPrincipal) -> ClassifyResponse:
+    served = state.model(body.model, "classify")
+    started = time.monotonic()
+    try:
+        return await classify(state, served, principal, body)
+    finally:
+        state.metrics.request_latency.labels(served.name, "classify").observe(time.monotonic() - started)
+
+
+@admin.post("/tenants", status_code=201)
+async def create_tenant(body: TenantCreate, state: State, _: AdminPrincipal) -> Tenant:
+    created = state.tenants.create_tenant(body.name)
+    return Tenant(name=body.name, created=created, keys=0)
+
+
+@admin.get("/tenants")
+async def list_tenants(state: State, _: AdminPrincipal) -> TenantList:
+    counts: dict[str, int] = {}
+    for record in state.tenants.keys.values():
+        counts[record.tenant] = counts.get(record.tenant, 0) + 1
+    return TenantList(
+        data=[Tenant(name=n, created=c, keys=counts.get(n, 0)) for n, c in sorted(state.tenants.tenants.items())]
+    )
+
+
+@admin.delete("/tenants/{name}", status_code=204)
+async def delete_tenant(name: str, state: State, _: AdminPrincipal) -> Response:
+    state.tenants.delete_tenant(name)
+    return Response(status_code=204)
+
+
+@admin.post("/tenants/{name}/keys", status_code=201)
+async def create_key(name: str, state: State, _: AdminPrincipal) -> KeyCreated:
+    record, key = state.tenants.create_key(name)
+    return KeyCreated(id=record.id, tenant=record.tenant, created=record.created, key=key)
+
+
+@admin.get("/tenants/{name}/keys")
+async def list_keys(name: str, state: State, _: AdminPrincipal) -> KeyList:
+    return KeyList(data=[KeyInfo(id=k.id, tenant=k.tenant, created=k.created) for k in state.tenants.keys_of(name)])
+
+
+@admin.delete("/tenants/{name}/keys/{key_id}", status_code=204)
+async def delete_key(name: str, key_id: str, state: State, _: AdminPrincipal) -> Response:
+    state.tenants.delete_key(name, key_id)
+    return Response(status_code=204)

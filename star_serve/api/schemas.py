@@ -1,0 +1,230 @@
+"""Wire types of the HTTP API: OpenAI-compatible requests and responses, and star-serve's own."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(..., min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, description="Tokens to generate per choice.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    return_routing: bool = Field(False, description="Report per-layer expert counts of the request's tokens.")
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if isinstance(stop, str) and not stop:
+            raise ValueError("a stop sequence must not be empty")
+        return stop
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] = Field(..., description="One prompt, or a list of prompts.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, prompt: str | list[str]) -> str | list[str]:
+        if isinstance(prompt, list) and not 1 <= len(prompt) <= 64:
+            raise ValueError("give between 1 and 64 prompts")
+        return prompt
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StarInfo(BaseModel):
+    """star-serve's part of every inference response."""
+
+    tenant: str
+    subspace_version: int
+    routing: list[list[list[int]]] | None = Field(
+        None, description="Per choice or input: per layer, the number of tokens routed to each expert."
+    )
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    star: StarInfo
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    star: StarInfo
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(..., min_length=1, max_length=256)
+    input: str | list[str] = Field(..., description="One text, or a list of texts.")
+    return_routing: bool = False
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= 256:
+            raise ValueError("give between 1 and 256 inputs")
+        return value
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Classification(BaseModel):
+    index: int
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class ClassifyResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Classification]
+    usage: ClassifyUsage
+    star: StarInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "star-serve"
+    task: Literal["generate", "classify"]
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TenantCreate(BaseModel):
+    name: TenantName
+
+
+class Tenant(BaseModel):
+    name: str
+    created: int
+    keys: int
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Tenant]
+
+
+class KeyInfo(BaseModel):
+    id: str
+    tenant: str
+    created: int
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(..., description="The API key. It is shown once: only its hash is stored.")
+
+
+class KeyList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[KeyInfo]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()

@@ -1,0 +1,266 @@
+"""The logic behind the inference routes: prompts to engine sequences, outputs to OpenAI responses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ..engine import ClassificationEngine, GenerationEngine, GenerationOutput, SamplingParams
+from ..engine.generation import GenerationStream, SequenceRequest
+from .auth import Principal
+from .errors import ApiError
+from .schemas import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    Classification,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyUsage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    StarInfo,
+    Usage,
+)
+from .state import AppState, ServedModel
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def render_chat(served: ServedModel, request: ChatCompletionRequest) -> str:
+    """The prompt of a chat: the tokenizer's chat template if it has one, else a plain transcript."""
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    if getattr(served.tokenizer, "chat_template", None):
+        rendered = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(rendered)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+
+@dataclass
+class _Choice:
+    index: int
+    stream: GenerationStream
+    text: list[str] = field(default_factory=list)
+    final: GenerationOutput | None = None
+
+
+class GenerationCall:
+    """One completion or chat request: its sequences in the engine and how to answer with them."""
+
+    def __init__(
+        self,
+        state: AppState,
+        served: ServedModel,
+        principal: Principal,
+        body: CompletionRequest | ChatCompletionRequest,
+    ) -> None:
+        self.state, self.served, self.principal, self.body = state, served, principal, body
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.arrived = time.monotonic()
+        self.choices: list[_Choice] = []
+        self.prompt_tokens = 0
+
+    def start(self) -> None:
+        """Tokenizes and queues every choice; raises before any response byte is sent."""
+        body, engine = self.body, self.served.engine
+        assert isinstance(engine, GenerationEngine)
+        if body.n > self.state.settings.max_n:
+            raise ApiError(f"n must be at most {self.state.settings.max_n}", "n")
+        if isinstance(body, ChatCompletionRequest):
+            prompts = [render_chat(self.served, body)]
+            requested = body.max_completion_tokens or body.max_tokens
+        else:
+            prompts = body.prompts()
+            requested = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+        encoded = [self.served.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        requests = []
+        for ids in encoded:
+            if not ids:
+                raise ApiError("the prompt is empty", "prompt")
+            max_tokens = requested or max(1, engine.max_context - len(ids))
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                stop=body.stop_sequences(),
+                seed=body.seed,
+            )
+            requests += [
+                SequenceRequest(ids, params, self.principal.tenant, body.return_routing, choice)
+                for choice in range(body.n)
+            ]
+        streams = engine.submit(requests)
+        self.prompt_tokens = sum(len(ids) for ids in encoded) * body.n
+        self.choices = [_Choice(i, s) for i, s in enumerate(streams)]
+        self.state.metrics.prompt_tokens.labels(self.served.name).inc(self.prompt_tokens)
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.stream.cancel()
+
+    async def _drain(self, choice: _Choice, sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] | None) -> None:
+        metrics, name = self.state.metrics, self.served.name
+        last = None
+        async for output in choice.stream:
+            now = time.monotonic()
+            if output.text:
+                if last is None:
+                    metrics.time_to_first_token.labels(name).observe(now - self.arrived)
+                else:
+                    metrics.inter_token_latency.labels(name).observe(now - last)
+                last = now
+            choice.text.append(output.text)
+            if output.finish_reason is not None:
+                choice.final = output
+                metrics.generated_tokens.labels(name).inc(output.completion_tokens)
+                if output.queue_seconds is not None:
+                    metrics.queue_time.labels(name).observe(output.queue_seconds)
+            if sink is not None:
+                await sink.put((choice, output))
+
+    def _star(self, routing: list[list[list[int]]] | None = None) -> StarInfo:
+        finals = [c.final for c in self.choices if c.final is not None]
+        version = max(
+            (f.subspace_version for f in finals), default=self.served.engine.bank.version(self.principal.tenant)
+        )
+        return StarInfo(tenant=self.principal.tenant, subspace_version=version, routing=routing)
+
+    def _usage(self) -> Usage:
+        completion = sum(c.final.completion_tokens for c in self.choices if c.final is not None)
+        return Usage(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+        )
+
+    async def respond(self, request: Request) -> CompletionResponse | ChatCompletionResponse:
+        """Waits for every choice; the client hanging up cancels them."""
+        work = asyncio.gather(*(self._drain(c, None) for c in self.choices))
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                self.cancel()
+                work.cancel()
+                raise ApiError("client disconnected")
+            work.result()
+        finally:
+            watcher.cancel()
+        routing = [c.final.routing or [] for c in self.choices if c.final] if self.body.return_routing else None
+        reasons = [_openai_reason(c.final) for c in self.choices]
+        if self.chat:
+            return ChatCompletionResponse(
+                id=self.id,
+                created=self.created,
+                model=self.served.name,
+                choices=[
+                    ChatChoice(index=c.index, message=ChatResponseMessage(content="".join(c.text)), finish_reason=r)
+                    for c, r in zip(self.choices, reasons, strict=True)
+                ],
+                usage=self._usage(),
+                star=self._star(routing),
+            )
+        return CompletionResponse(
+            id=self.id,
+            created=self.created,
+            model=self.served.name,
+            choices=[
+                CompletionChoice(index=c.index, text="".join(c.text), finish_reason=r)
+                for c, r in zip(self.choices, reasons, strict=True)
+            ],
+            usage=self._usage(),
+            star=self._star(routing),
+        )
+
+    def stream(self) -> StreamingResponse:
+        return StreamingResponse(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _events(self) -> AsyncIterator[str]:
+        sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._drain(c, sink)) for c in self.choices]
+        try:
+            if self.chat:
+                for c in self.choices:
+                    yield _sse(self._chunk(c.index, {"role": "assistant", "content": ""}, None))
+            remaining = len(self.choices)
+            while remaining:
+                choice, output = await sink.get()
+                reason = _openai_reason(output) if output.finish_reason is not None else None
+                remaining -= reason is not None
+                if not output.text and reason is None:
+                    continue
+                routing = [output.routing or []] if reason and self.body.return_routing else None
+                content = {"content": output.text} if self.chat else output.text
+                yield _sse(self._chunk(choice.index, content, reason, routing))
+            include_usage = self.body.stream_options is not None and self.body.stream_options.include_usage
+            if include_usage:
+                yield _sse(self._chunk(None, None, None) | {"choices": [], "usage": self._usage().model_dump()})
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away, or we are done: free whatever is still running
+            self.cancel()
+            for task in tasks:
+                task.cancel()
+
+    def _chunk(self, index: int | None, content: Any, reason: str | None, routing: Any = None) -> dict[str, Any]:
+        choices = []
+        if index is not None:
+            if self.chat:
+                choices = [{"index": index, "delta": content, "logprobs": None, "finish_reason": reason}]
+            else:
+                choices = [{"index": index, "text": content, "logprobs": None, "finish_reason": reason}]
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.served.name,
+            "choices": choices,
+            "star": self._star(routing).model_dump(exclude_none=True),
+        }
+
+
+async def classify(
+    state: AppState, served: ServedModel, principal: Principal, body: ClassifyRequest
+) -> ClassifyResponse:
+    engine = served.engine
+    assert isinstance(engine, ClassificationEngine)
+    results = await engine.classify(body.inputs(), principal.tenant, body.return_routing)
+    tokens = sum(r.tokens for r in results)
+    return ClassifyResponse(
+        model=served.name,
+        data=[Classification(index=i, label=r.label, score=r.score, scores=r.scores) for i, r in enumerate(results)],
+        usage=ClassifyUsage(prompt_tokens=tokens, total_tokens=tokens),
+        star=StarInfo(
+            tenant=principal.tenant,
+            subspace_version=max(r.subspace_version for r in results),
+            routing=[r.routing or [] for r in results] if body.return_routing else None,
+        ),
+    )
+
+
+def _openai_reason(output: GenerationOutput | None) -> str | None:
+    """OpenAI knows "stop" and "length"; a timeout reads as "length", a cancellation or error as "stop"."""
+    if output is None or output.finish_reason is None:
+        return None
+    return "length" if output.finish_reason in ("length", "timeout") else "stop"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has hung up (the body has been read, so only a disconnect can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,53 @@
+"""What the routes share: the served models, the tenant registry, metrics and the drain flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import Request
+from transformers import PreTrainedTokenizerBase
+
+from ..config import Settings
+from ..engine import ClassificationEngine, GenerationEngine
+from ..metrics import ServingMetrics
+from .errors import NotFound
+from .tenants import TenantRegistry
+
+
+@dataclass
+class ServedModel:
+    name: str
+    task: Literal["generate", "classify"]
+    engine: GenerationEngine | ClassificationEngine
+    tokenizer: PreTrainedTokenizerBase
+    created: int
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: ServingMetrics
+    tenants: TenantRegistry
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    ready: bool = False
+    draining: bool = False
+    in_flight: int = 0  # HTTP requests under /v1 in progress
+
+    def begin_drain(self) -> None:
+        """Readiness fails and new inference is refused (503); running requests go on."""
+        self.draining = True
+        for served in self.models.values():
+            served.engine.draining = True
+
+    def model(self, name: str, task: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None or served.task != task:
+            names = ", ".join(n for n, m in self.models.items() if m.task == task) or "none"
+            raise NotFound(f"no {task} model named {name!r} (available: {names})", "model")
+        return served
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.star
+    return state
