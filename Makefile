@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip
 # The CPU wheel of torch for development and CI; GPU machines install from pyproject's range instead.
 CONSTRAINTS ?= constraints-cpu.txt
 
-.PHONY: setup serve demo test lint typecheck clean
+.PHONY: setup serve demo test bench lint typecheck clean
 
 $(BIN)/star-serve: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/star-serve: pyproject.toml $(CONSTRAINTS)
 setup: $(BIN)/star-serve
 
 serve: setup
-	$(BIN)/star-serve demo
+	$(BIN)/star-serve serve
 
 demo: setup
 	$(BIN)/star-serve demo
@@ -25,6 +25,9 @@ demo: setup
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: setup
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
+
+bench: setup
+	$(BIN)/star-serve bench serving --out bench-results
 
 lint: setup
 	$(BIN)/ruff check star_serve tests

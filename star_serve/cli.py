@@ -147,6 +147,20 @@ def _draining_server_class() -> type:
     return DrainingServer
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.serving import ServingBenchConfig, run_serving_bench
+
+    if args.model is None:
+        from .training.demo import ensure_demo_models
+
+        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    config = ServingBenchConfig(
+        model_dir=args.model, out_dir=args.out, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats
+    )
+    run_serving_bench(config)
+    print((args.out / "serving.md").read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="star-serve", description=__doc__)
     parser.add_argument("--config", type=Path, help="JSON file of settings (overridden by STAR_* and flags)")
@@ -168,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device")
     serve.add_argument("--dtype")
 
+    bench = sub.add_parser("bench", help="run a benchmark; writes JSON, a Markdown table and a PNG plot")
+    bench.add_argument("name", choices=("serving",))
+    bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--requests", type=int, default=32)
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+
     demo = sub.add_parser("demo", help="build the demo models if needed, then generate and classify once")
     demo.add_argument("--prompt", default="Return a list of the words in the string")
     demo.add_argument("--text", default="Send the request to the server and wait for the HTTP response.")
@@ -188,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         cmd_demo(args, settings)
     elif args.command == "serve":
         cmd_serve(settings)
+    elif args.command == "bench":
+        cmd_bench(args, settings)
 
 
 if __name__ == "__main__":

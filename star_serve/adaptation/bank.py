@@ -1,8 +1,15 @@
-"""The tenant bank: each tenant's GHA bases for every MoE layer of one model, as one stacked tensor."""
+"""The tenant bank: each tenant's GHA bases for every MoE layer of one model, stacked on the device.
+
+Row 0 holds the trained bases (version 0), which every tenant without a version of its own routes with.
+Other rows are a bounded LRU of tenants' own bases. New versions are published from any thread and
+applied by the engine thread at its next lookup, between forwards, so a forward never sees a half-written
+row.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,21 +26,79 @@ class BankView:
 
 
 class TenantBank:
-    """Serves every tenant's bases. A tenant with no committed version of its own routes with the
-    trained bases, version 0."""
-
-    def __init__(self, trained: torch.Tensor | None, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, trained: torch.Tensor | None, device: torch.device, dtype: torch.dtype, capacity: int = 256
+    ) -> None:
+        self.device, self.capacity = device, capacity
         self.trained = None if trained is None else trained.to(device=device, dtype=dtype)  # (L, E, D)
-        self.device = device
+        self._stack = None if self.trained is None else self.trained[None].clone()  # (T, L, E, D), grows
+        self._used = 1  # rows of `_stack` in use; row 0 is the trained bases
+        self._rows: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (row, version), LRU order
+        self._free: list[int] = []
+        self._pending: dict[str, tuple[torch.Tensor | None, int]] = {}
         self._lock = threading.Lock()
 
-    def lookup(self, tenants: Sequence[str]) -> BankView:
-        """The bank and per-sequence index for a batch whose sequences belong to `tenants`."""
+    def publish(self, tenant: str, bases: torch.Tensor | None, version: int) -> None:
+        """Makes `bases` (L, E, D) the tenant's routing from the next forward on; None goes back to the
+        trained bases. Safe from any thread."""
+        if self.trained is None:
+            raise ValueError("this model's routers have no GHA subspace")
+        if bases is not None and bases.shape != self.trained.shape:
+            raise ValueError(f"bases of shape {tuple(bases.shape)}, expected {tuple(self.trained.shape)}")
         with self._lock:
-            if self.trained is None:
-                return BankView(None, None, [0] * len(tenants))
-            index = torch.zeros(len(tenants), dtype=torch.long, device=self.device)
-            return BankView(self.trained[None], index, [0] * len(tenants))
+            self._pending[tenant] = (None if bases is None else bases.detach().cpu(), version)
 
     def version(self, tenant: str) -> int:
-        return 0
+        with self._lock:
+            if tenant in self._pending:
+                return self._pending[tenant][1]
+            return self._rows.get(tenant, (0, 0))[1]
+
+    def resident(self) -> int:
+        """How many tenants have their own row on the device."""
+        return len(self._rows)
+
+    def lookup(self, tenants: Sequence[str]) -> BankView:
+        """The bank and per-sequence rows for a batch whose sequences belong to `tenants`. Engine thread only."""
+        if self._stack is None:
+            return BankView(None, None, [0] * len(tenants))
+        self._apply_pending()
+        rows, versions = [], []
+        for tenant in tenants:
+            row, version = self._rows.get(tenant, (0, 0))
+            if row:
+                self._rows.move_to_end(tenant)
+            rows.append(row)
+            versions.append(version)
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return BankView(self._stack[: self._used], index, versions)
+
+    def _apply_pending(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        assert self._stack is not None
+        for tenant, (bases, version) in pending.items():
+            if bases is None:
+                row, _ = self._rows.pop(tenant, (0, 0))
+                if row:
+                    self._free.append(row)
+                continue
+            row = self._rows[tenant][0] if tenant in self._rows else self._allocate()
+            self._stack[row] = bases.to(self._stack.device, self._stack.dtype)
+            self._rows[tenant] = (row, version)
+            self._rows.move_to_end(tenant)
+
+    def _allocate(self) -> int:
+        assert self._stack is not None
+        if self._free:
+            return self._free.pop()
+        if len(self._rows) >= self.capacity:  # evict the least recently used tenant
+            _, (row, _) = self._rows.popitem(last=False)
+            return row
+        rows = self._stack.shape[0]
+        if self._used == rows:  # grow by doubling, up to the trained row plus `capacity`
+            grown = self._stack.new_empty((min(2 * rows, self.capacity + 1), *self._stack.shape[1:]))
+            grown[:rows] = self._stack
+            self._stack = grown
+        self._used += 1
+        return self._used - 1

@@ -27,6 +27,7 @@ class _SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     return_routing: bool = Field(False, description="Report per-layer expert counts of the request's tokens.")
+    ignore_eos: bool = Field(False, description="Generate `max_tokens` tokens even past end-of-text (as vLLM).")
 
     @field_validator("stop")
     @classmethod

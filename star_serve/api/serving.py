@@ -96,6 +96,7 @@ class GenerationCall:
                 top_p=body.top_p,
                 stop=body.stop_sequences(),
                 seed=body.seed,
+                ignore_eos=body.ignore_eos,
             )
             requests += [
                 SequenceRequest(ids, params, self.principal.tenant, body.return_routing, choice)

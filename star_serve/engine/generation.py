@@ -300,7 +300,7 @@ class GenerationEngine:
 
     def _emit_progress(self, seq: _Sequence) -> None:
         """Emits the text that became final with the newest token, and finishes the sequence if done."""
-        eos = seq.generated[-1] == self.tokenizer.eos_token_id
+        eos = seq.generated[-1] == self.tokenizer.eos_token_id and not seq.params.ignore_eos
         ids = seq.generated[:-1] if eos else seq.generated
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for stop in seq.params.stop:

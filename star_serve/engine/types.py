@@ -12,6 +12,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past the end-of-text token (benchmarks)
 
     @property
     def greedy(self) -> bool:
