@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it is ended.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies beyond this size get 413.")
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs)."
+    )
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
 
     @property

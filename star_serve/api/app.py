@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -86,6 +88,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if resolve_device(settings.device).type == "cpu":
+            torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         sources = await asyncio.to_thread(model_sources, settings)
         for name, directory in sources.items():
             served = await asyncio.to_thread(load_served_model, name, directory, state)

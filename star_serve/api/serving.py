@@ -99,7 +99,9 @@ class GenerationCall:
                 ignore_eos=body.ignore_eos,
             )
             requests += [
-                SequenceRequest(ids, params, self.principal.tenant, body.return_routing, choice)
+                SequenceRequest(
+                    ids, params, self.principal.tenant, body.return_routing, choice, incremental=body.stream
+                )
                 for choice in range(body.n)
             ]
         streams = engine.submit(requests)
@@ -116,10 +118,8 @@ class GenerationCall:
         last = None
         async for output in choice.stream:
             now = time.monotonic()
-            if output.text:
-                if last is None:
-                    metrics.time_to_first_token.labels(name).observe(now - self.arrived)
-                else:
+            if output.text and self.body.stream:
+                if last is not None:
                     metrics.inter_token_latency.labels(name).observe(now - last)
                 last = now
             choice.text.append(output.text)
@@ -128,6 +128,8 @@ class GenerationCall:
                 metrics.generated_tokens.labels(name).inc(output.completion_tokens)
                 if output.queue_seconds is not None:
                     metrics.queue_time.labels(name).observe(output.queue_seconds)
+                if output.first_token_seconds is not None:
+                    metrics.time_to_first_token.labels(name).observe(output.first_token_seconds)
             if sink is not None:
                 await sink.put((choice, output))
 

@@ -50,7 +50,7 @@ class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     tenant: str
-    emit: Callable[[GenerationOutput], None]
+    stream: GenerationStream
     return_routing: bool
     deadline: float
     generator: torch.Generator | None
@@ -60,8 +60,10 @@ class _Sequence:
     emitted_chars: int = 0
     cancelled: bool = False
     routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
+    incremental: bool = True
     submitted_at: float = field(default_factory=time.monotonic)
     queue_seconds: float | None = None
+    first_token_seconds: float | None = None
 
     @property
     def length(self) -> int:
@@ -77,6 +79,7 @@ class SequenceRequest:
     tenant: str
     return_routing: bool = False
     choice: int = 0
+    incremental: bool = True  # stream text as it is generated; False: all of it in the final output
 
 
 class GenerationStream:
@@ -84,14 +87,16 @@ class GenerationStream:
     end and calling `cancel`) frees the sequence's slot at the engine's next iteration."""
 
     def __init__(self, engine: GenerationEngine, loop: asyncio.AbstractEventLoop) -> None:
-        self._engine, self._loop = engine, loop
+        self._engine, self.loop = engine, loop
         self._queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         self.sequence: _Sequence | None = None
         self.finished = False
 
-    def push(self, output: GenerationOutput) -> None:
-        """Called from the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+    @staticmethod
+    def deliver(outputs: list[tuple[GenerationStream, GenerationOutput]]) -> None:
+        """Runs on the event loop: hands one engine step's outputs to their streams."""
+        for stream, output in outputs:
+            stream._queue.put_nowait(output)
 
     def __aiter__(self) -> AsyncIterator[GenerationOutput]:
         return self._outputs()
@@ -132,6 +137,7 @@ class GenerationEngine:
         self.draining = False
         self.steps = itertools.count()
         self.last_step_at = time.monotonic()
+        self._outbox: list[tuple[GenerationStream, GenerationOutput]] = []
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
 
     # -- the caller's side -------------------------------------------------------------------------
@@ -175,10 +181,11 @@ class GenerationEngine:
                 prompt_ids=list(r.prompt_ids),
                 params=r.params,
                 tenant=r.tenant,
-                emit=stream.push,
+                stream=stream,
                 return_routing=r.return_routing,
                 deadline=time.monotonic() + self.config.request_timeout,
                 generator=make_generator(r.params, r.choice),
+                incremental=r.incremental,
             )
             for r, stream in zip(requests, streams, strict=True)
         ]
@@ -216,11 +223,18 @@ class GenerationEngine:
             self.last_step_at = time.monotonic()
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, "cancelled")
+        self._flush()
 
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: reap, admit and prefill newcomers, decode everyone else by one token."""
         next(self.steps)
+        try:
+            self._step()
+        finally:
+            self._flush()
+
+    def _step(self) -> None:
         now = time.monotonic()
         for seq in [*self._running]:
             if seq.cancelled:
@@ -285,6 +299,8 @@ class GenerationEngine:
             self._count_routing(batch, out.expert_indices, [len(s.prompt_ids) if prefill else 1 for s in batch])
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
+            if not seq.generated:
+                seq.first_token_seconds = time.monotonic() - seq.submitted_at
             seq.generated.append(token)
             self._emit_progress(seq)
 
@@ -306,40 +322,55 @@ class GenerationEngine:
         for stop in seq.params.stop:
             at = text.find(stop, max(0, seq.emitted_chars - len(stop)))
             if at != -1:
-                self._send(seq, text[:at])
+                self._send(seq, text[:at], final=True)
                 self._finish(seq, "stop")
                 return
         if eos:
-            self._send(seq, text)
+            self._send(seq, text, final=True)
             self._finish(seq, "stop")
             return
         if len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context:
-            self._send(seq, text)
+            self._send(seq, text, final=True)
             self._finish(seq, "length")
             return
-        self._send(seq, text[: len(text) - _held_back(text, seq.params.stop)])
+        if seq.incremental:
+            self._send(seq, text[: len(text) - _held_back(text, seq.params.stop)])
 
-    def _send(self, seq: _Sequence, text: str) -> None:
-        if len(text) > seq.emitted_chars:
-            seq.emit(GenerationOutput(text=text[seq.emitted_chars :], token_ids=[]))
+    def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:
+        if (seq.incremental or final) and len(text) > seq.emitted_chars:
+            self._outbox.append((seq.stream, GenerationOutput(text=text[seq.emitted_chars :], token_ids=[])))
             seq.emitted_chars = len(text)
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if seq in self._running:
             self._running.remove(seq)
             self._free_slots.append(seq.slot)
-        seq.emit(
-            GenerationOutput(
-                text="",
-                token_ids=list(seq.generated),
-                finish_reason=reason,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.generated),
-                subspace_version=seq.version,
-                routing=seq.routing.tolist() if seq.routing is not None else None,
-                queue_seconds=seq.queue_seconds,
+        self._outbox.append(
+            (
+                seq.stream,
+                GenerationOutput(
+                    text="",
+                    token_ids=list(seq.generated),
+                    finish_reason=reason,
+                    prompt_tokens=len(seq.prompt_ids),
+                    completion_tokens=len(seq.generated),
+                    subspace_version=seq.version,
+                    routing=seq.routing.tolist() if seq.routing is not None else None,
+                    queue_seconds=seq.queue_seconds,
+                    first_token_seconds=seq.first_token_seconds,
+                ),
             )
         )
+
+    def _flush(self) -> None:
+        """Delivers the step's outputs with one wake-up per event loop, not one per token."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationOutput]]] = {}
+        for stream, output in outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, outputs in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(GenerationStream.deliver, outputs)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

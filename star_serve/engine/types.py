@@ -32,6 +32,7 @@ class GenerationOutput:
     subspace_version: int = 0
     routing: list[list[int]] | None = None  # per layer: tokens routed to each expert
     queue_seconds: float | None = None  # from submission to the first forward (final event only)
+    first_token_seconds: float | None = None  # from submission to the first token (final event only)
 
 
 @dataclass

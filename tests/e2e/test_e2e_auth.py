@@ -51,7 +51,12 @@ def test_open_routes_need_no_key(auth_server: Server) -> None:
     ],
 )
 def test_missing_or_unknown_key_is_401(auth_server: Server, method: str, path: str, body: object) -> None:
-    for headers in ({}, bearer("sk-star-not-a-real-key"), {"Authorization": "Basic YWRtaW46YWRtaW4="}, bearer("")):
+    for headers in (
+        {},
+        bearer("sk-star-not-a-real-key"),
+        {"Authorization": "Basic YWRtaW46YWRtaW4="},
+        {"Authorization": "Bearer"},
+    ):
         response = auth_server.http.request(method, path, json=body, headers=headers)
         error = assert_openai_error(response, 401)
         assert error["type"] == "authentication_error"
