@@ -46,7 +46,7 @@ class TenantBank:
         if bases is not None and bases.shape != self.trained.shape:
             raise ValueError(f"bases of shape {tuple(bases.shape)}, expected {tuple(self.trained.shape)}")
         with self._lock:
-            self._pending[tenant] = (None if bases is None else bases.detach().cpu(), version)
+            self._pending[tenant] = (None if bases is None else bases.detach().to("cpu", copy=True), version)
 
     def version(self, tenant: str) -> int:
         with self._lock:
@@ -86,7 +86,6 @@ class TenantBank:
             row = self._rows[tenant][0] if tenant in self._rows else self._allocate()
             self._stack[row] = bases.to(self._stack.device, self._stack.dtype)
             self._rows[tenant] = (row, version)
-            self._rows.move_to_end(tenant)
 
     def _allocate(self) -> int:
         assert self._stack is not None

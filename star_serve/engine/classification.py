@@ -78,8 +78,17 @@ class ClassificationEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopping = True
-        self._thread.join(timeout=10)
+        """Stops the thread; requests still queued fail with EngineDraining rather than hang."""
+        self._stopping = self.draining = True
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        while True:
+            try:
+                item = self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if not item.loop.is_closed():
+                item.loop.call_soon_threadsafe(_set_exception, item.future, EngineDraining())
 
     @property
     def alive(self) -> bool:

@@ -149,7 +149,8 @@ class GenerationEngine:
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     @property
     def alive(self) -> bool:
@@ -220,6 +221,7 @@ class GenerationEngine:
                 log.exception("generation step failed")
                 for seq in [*self._running]:
                     self._finish(seq, "error")
+                self._flush()
             self.last_step_at = time.monotonic()
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, "cancelled")
@@ -253,7 +255,8 @@ class GenerationEngine:
         with self._wakeup:
             while self._waiting and self._free_slots and len(admitted) < self.config.max_prefill_batch:
                 seq = self._waiting.popleft()
-                if seq.cancelled:
+                if seq.cancelled or time.monotonic() > seq.deadline:
+                    self._finish(seq, "cancelled" if seq.cancelled else "timeout")
                     continue
                 seq.slot = self._free_slots.pop()
                 seq.queue_seconds = time.monotonic() - seq.submitted_at

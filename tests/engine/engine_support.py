@@ -38,6 +38,9 @@ def tiny_config(tokenizer: Any, **overrides: Any) -> StarMoeConfig:
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.eos_token_id,
+        # Larger than the default 0.02, so that the experts (and so the routing, and so a tenant's bases) weigh
+        # on the logits, and so that greedy choices are not near-ties.
+        "initializer_range": 0.1,
     }
     return StarMoeConfig(**{**fields, **overrides})
 
@@ -87,8 +90,8 @@ def routing_reference(model: Any, ids: list[int], bases: torch.Tensor | None = N
 
 class StepGate:
     """An `on_step` callback that records every forward and, while closed, lets the engine thread finish a
-    forward only against a permit (`release`). A forward that waits longer than DEADLINE for one raises,
-    which the engine turns into an "error" finish instead of a hung test."""
+    forward only against a permit (`release`). A forward that waits longer than DEADLINE for one raises, so a
+    forgotten release cannot hold the engine thread forever."""
 
     def __init__(self, closed: bool = True) -> None:
         self.steps: list[StepStats] = []
