@@ -119,6 +119,8 @@ def cmd_serve(settings: Settings) -> None:
 def _draining_server_class() -> type:
     import uvicorn
 
+    from .api.state import AppState
+
     class DrainingServer(uvicorn.Server):
         """On SIGTERM or SIGINT: readiness fails and new requests get 503 while in-flight requests finish
         (up to `drain_timeout`); then uvicorn shuts down as usual. A second signal exits at once."""
@@ -129,20 +131,21 @@ def _draining_server_class() -> type:
             self._draining = False
 
         def handle_exit(self, sig: int, frame: object) -> None:
-            state = self.config.app.state.star if hasattr(self.config.app, "state") else None
-            if self._draining or state is None:
-                super().handle_exit(sig, frame)
+            state = getattr(self.config.app.state, "star", None)
+            if self._draining or state is None:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
                 return
             self._draining = True
             state.begin_drain()
             logging.getLogger(__name__).info("draining: %d requests in flight", state.in_flight)
-            threading.Thread(target=self._finish_drain, args=(state, sig, frame), daemon=True).start()
+            threading.Thread(target=self._drain, args=(state,), daemon=True).start()
 
-        def _finish_drain(self, state: object, sig: int, frame: object) -> None:
+        def _drain(self, state: AppState) -> None:
             deadline = time.monotonic() + self.drain_timeout
-            while getattr(state, "in_flight", 0) > 0 and time.monotonic() < deadline:
+            while state.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            super().handle_exit(sig, frame)
+            # A finished drain is a clean exit (status 0): uvicorn would re-raise a captured SIGTERM.
+            self.should_exit = True
 
     return DrainingServer
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..adaptation import TenantBank
@@ -21,7 +22,7 @@ from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
 from ..metrics import ServingMetrics
 from ..model.loading import load_model, resolve_device, resolve_dtype
-from .errors import PayloadTooLarge, install_error_handlers
+from .errors import install_error_handlers
 from .routes import admin, health, inference
 from .state import AppState, ServedModel
 from .tenants import TenantRegistry
@@ -138,8 +139,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise PayloadTooLarge(f"request body over {self.max_bytes} bytes")
+                if seen > self.max_bytes:  # FastAPI passes HTTPExceptions raised while reading the body through
+                    raise HTTPException(413, f"request body over {self.max_bytes} bytes")
             return message
 
         await self.app(scope, limited, send)

@@ -41,10 +41,6 @@ class Conflict(ApiError):
     status, type = 409, "conflict_error"
 
 
-class PayloadTooLarge(ApiError):
-    status, type = 413, "invalid_request_error"
-
-
 def _response(status: int, message: str, type_: str, param: str | None = None, **headers: str) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers or None)
 

@@ -105,7 +105,7 @@ class GenerationCall:
                 for choice in range(body.n)
             ]
         streams = engine.submit(requests)
-        self.prompt_tokens = sum(len(ids) for ids in encoded) * body.n
+        self.prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt counted once, as OpenAI does
         self.choices = [_Choice(i, s) for i, s in enumerate(streams)]
         self.state.metrics.prompt_tokens.labels(self.served.name).inc(self.prompt_tokens)
 

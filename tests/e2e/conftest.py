@@ -3,10 +3,10 @@
 The checkpoints are random (untrained) STAR MoE models on a byte-level BPE tokenizer trained on a few hundred
 stdlib docstrings, so nothing is downloaded and nothing is trained beyond the tokenizer (a few seconds).
 
-Two changes make a random LM usable for generation tests:
+Three changes make a random LM usable for generation tests:
 - the lm_head row of the end-of-text token is zeroed, so its logit is exactly 0 for every hidden state, and
 - every other lm_head row is scaled up (x `LOGIT_SCALE`), so the other logits spread over several units and
-  the largest one sits far above 0. Greedy decoding then never picks EOS and runs to `max_tokens`, seeded
+  the largest one sits far above 0. Greedy decoding then does not pick EOS and runs to `max_tokens`, seeded
   sampling practically never draws it (a seeded draw is deterministic anyway, so no test flakes on it), and
   the wider logit gaps keep greedy choices stable under batched vs. solo float differences.
 - the LM's context is `LM_CONTEXT` (more than the 256 of a toy config) so that a single request can run for
@@ -92,6 +92,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     clf.save_pretrained(clf_dir)
     tok.model_max_length = CLF_CONTEXT
     tok.save_pretrained(clf_dir)
+    tok.model_max_length = LM_CONTEXT  # the tests count tokens of long LM prompts with it
     return Checkpoints(lm_dir=lm_dir, clf_dir=clf_dir, tokenizer=tok)
 
 

@@ -29,12 +29,13 @@ def test_stream_disconnect_frees_the_slot(server: Server, endpoint: str) -> None
     full_duration = seconds_per_token(server) * LONG_TOKENS
     body: dict[str, object] = {"model": LM_NAME, "max_tokens": LONG_TOKENS, "temperature": 0, "stream": True}
     body |= {"messages": [{"role": "user", "content": PROMPT}]} if "chat" in endpoint else {"prompt": PROMPT}
-    assert server.running() == 0
+    wait_until(lambda: server.running() == 0, timeout=10, what="an idle engine")
     with httpx.Client(base_url=server.base_url, timeout=30.0) as client:
         with client.stream("POST", endpoint, json=body) as response:
             assert response.status_code == 200
             events = 0
-            for line in response.iter_lines():
+            lines = response.iter_lines()  # kept alive: a dropped iter_lines() generator closes the connection
+            for line in lines:
                 events += line.startswith("data: ")
                 if events >= 3:
                     break
@@ -51,11 +52,10 @@ def test_stream_disconnect_frees_the_slot(server: Server, endpoint: str) -> None
 
 def test_non_stream_disconnect_frees_the_slot(server: Server) -> None:
     full_duration = seconds_per_token(server) * LONG_TOKENS
+    wait_until(lambda: server.running() == 0, timeout=10, what="an idle engine")
     body = {"model": LM_NAME, "prompt": PROMPT, "max_tokens": LONG_TOKENS, "temperature": 0}
-    started = time.monotonic()
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=httpx.Timeout(30.0, read=0.5))
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the answer could come
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=httpx.Timeout(30.0, read=full_duration / 8))
     closed_at = time.monotonic()
-    assert closed_at - started < full_duration / 2, "the request finished before the client gave up"
     wait_until(lambda: server.running() == 0, timeout=max(2.0, full_duration), what="a freed slot")
     assert time.monotonic() - closed_at < full_duration / 2

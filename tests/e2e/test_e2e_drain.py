@@ -11,7 +11,7 @@ import httpx
 
 from .support import LM_NAME, Launcher, assert_openai_error, wait_until
 
-TOKENS = 900
+TOKENS = 1900
 BODY = {"model": LM_NAME, "prompt": "Return a list of the words", "max_tokens": TOKENS, "temperature": 0}
 
 

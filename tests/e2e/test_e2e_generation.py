@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .support import LM_NAME, NUM_EXPERTS, NUM_LAYERS, Checkpoints, Server, star_of
+from .support import LM_CONTEXT, LM_NAME, NUM_EXPERTS, NUM_LAYERS, Checkpoints, Server, star_of
 
 PROMPT = "Return a list of the words in the string"
 
@@ -255,3 +255,65 @@ def test_health_is_cheap_during_generation(server: Server) -> None:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         assert httpx.get(f"{server.base_url}/health", timeout=2.0).status_code == 200
+
+
+def test_prompt_list_and_n_usage(server: Server, checkpoints: Checkpoints) -> None:
+    """Two prompts x n=2: four choices indexed prompt-major; like OpenAI and vLLM, usage counts each prompt's
+    tokens once (not once per choice) and every generated token."""
+    prompts = ["first prompt here", "and a second, longer prompt than the first"]
+    response = server.openai().completions.create(
+        model=LM_NAME, prompt=prompts, n=2, max_tokens=5, temperature=0.5, seed=11
+    )
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    usage = response.usage
+    assert usage is not None
+    assert usage.completion_tokens == 4 * 5
+    assert usage.prompt_tokens == sum(checkpoints.count_tokens(p) for p in prompts), (
+        f"prompt_tokens {usage.prompt_tokens} for prompts of {[checkpoints.count_tokens(p) for p in prompts]} "
+        "tokens: the prompts are counted once per choice"
+    )
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_context_boundary(server: Server, checkpoints: Checkpoints) -> None:
+    """prompt + max_tokens == context is allowed and generates to the end; one more token is a 400."""
+    prompt = " ".join(f"word{i}" for i in range(LM_CONTEXT))
+    ids = checkpoints.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt = checkpoints.tokenizer.decode(ids[: LM_CONTEXT - 20])
+    prompt_tokens = checkpoints.count_tokens(prompt)
+    assert LM_CONTEXT - 40 < prompt_tokens < LM_CONTEXT
+    room = LM_CONTEXT - prompt_tokens
+    response = server.openai().completions.create(model=LM_NAME, prompt=prompt, max_tokens=room, temperature=0)
+    assert response.usage is not None and response.usage.completion_tokens == room
+    assert response.usage.prompt_tokens == prompt_tokens
+    too_long = server.http.post(
+        "/v1/completions", json={"model": LM_NAME, "prompt": prompt, "max_tokens": room + 1, "temperature": 0}
+    )
+    assert too_long.status_code == 400, too_long.text
+
+
+def test_tiny_top_p_is_greedy(server: Server) -> None:
+    client = server.openai()
+    greedy = client.completions.create(model=LM_NAME, prompt=PROMPT, max_tokens=20, temperature=0)
+    nucleus = client.completions.create(
+        model=LM_NAME, prompt=PROMPT, max_tokens=20, temperature=1.5, top_p=1e-6, seed=5
+    )
+    assert nucleus.choices[0].text == greedy.choices[0].text
+
+
+def test_chat_stream_starts_with_the_assistant_role(server: Server) -> None:
+    chunks = list(
+        server.openai().chat.completions.create(
+            model=LM_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_invalid_x_tenant_header(server: Server) -> None:
+    response = server.http.post(
+        "/v1/completions", json={"model": LM_NAME, "prompt": "x", "max_tokens": 2}, headers={"X-Tenant": "no spaces!"}
+    )
+    assert response.status_code in (400, 422), response.text

@@ -13,7 +13,7 @@ import pytest
 from .support import LM_NAME, Launcher, Server, assert_openai_error, wait_until
 
 MAX_RUNNING, MAX_WAITING = 2, 2
-LONG = {"model": LM_NAME, "prompt": "Return a list of the words", "max_tokens": 500, "temperature": 0}
+LONG = {"model": LM_NAME, "prompt": "Return a list of the words", "max_tokens": 1500, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
