@@ -318,25 +318,26 @@ class GenerationEngine:
             seq.routing = counts if seq.routing is None else seq.routing + counts
 
     def _emit_progress(self, seq: _Sequence) -> None:
-        """Emits the text that became final with the newest token, and finishes the sequence if done."""
+        """Emits the text that became final with the newest token, and finishes the sequence if done.
+
+        Text is decoded only when someone needs it: a streaming caller, a stop string to look for, or
+        the end of the sequence.
+        """
         eos = seq.generated[-1] == self.tokenizer.eos_token_id and not seq.params.ignore_eos
-        ids = seq.generated[:-1] if eos else seq.generated
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        out_of_room = len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context
+        if not (eos or out_of_room or seq.incremental or seq.params.stop):
+            return
+        text = self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
         for stop in seq.params.stop:
             at = text.find(stop, max(0, seq.emitted_chars - len(stop)))
             if at != -1:
                 self._send(seq, text[:at], final=True)
                 self._finish(seq, "stop")
                 return
-        if eos:
+        if eos or out_of_room:
             self._send(seq, text, final=True)
-            self._finish(seq, "stop")
-            return
-        if len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context:
-            self._send(seq, text, final=True)
-            self._finish(seq, "length")
-            return
-        if seq.incremental:
+            self._finish(seq, "stop" if eos else "length")
+        elif seq.incremental:
             self._send(seq, text[: len(text) - _held_back(text, seq.params.stop)])
 
     def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:
