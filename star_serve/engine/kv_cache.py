@@ -16,13 +16,16 @@ class SlotKVCache:
     def __init__(
         self, config: StarMoeConfig, max_slots: int, max_len: int, device: torch.device, dtype: torch.dtype
     ) -> None:
-        shape = (max_slots, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        # (slots, max_len, heads, head_dim): position-major within a slot, so that the new tokens of a forward
+        # are written with one index_copy_ into a flat (slots * max_len) view.
+        shape = (max_slots, max_len, config.num_key_value_heads, config.head_dim)
+        layers = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.max_slots, self.max_len = max_slots, max_len
         self.device = device
         self._slots = torch.zeros(0, dtype=torch.long, device=device)
-        self._positions = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self._rows = torch.zeros(0, dtype=torch.long, device=device)
         self._span = 0
 
     def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,21 +35,24 @@ class SlotKVCache:
         before its own position in its own slot.
         """
         self._slots = slots.to(self.device)
-        self._positions = starts.to(self.device)[:, None] + torch.arange(query_len, device=self.device)  # (B, S)
-        self._span = int(self._positions.max()) + 1
+        positions = starts.to(self.device)[:, None] + torch.arange(query_len, device=self.device)  # (B, S)
+        self._span = int(positions.max()) + 1
         if self._span > self.max_len:
             raise ValueError(f"sequence of {self._span} tokens exceeds the cache length {self.max_len}")
+        self._rows = (self._slots[:, None] * self.max_len + positions).reshape(-1)  # (B*S,) in the flat view
         keys = torch.arange(self._span, device=self.device)
-        mask = keys[None, None, :] <= self._positions[:, :, None]  # (B, S, K)
-        return self._positions, mask[:, None]
+        mask = keys[None, None, :] <= positions[:, :, None]  # (B, S, K)
+        return positions, mask[:, None]
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes the new (B, H, S, hd) keys and values into their slots; returns each slot's (B, H, K, hd)."""
-        slots = self._slots[:, None].expand_as(self._positions)  # (B, S)
-        self.keys[layer_idx][slots, :, self._positions] = key.transpose(1, 2)
-        self.values[layer_idx][slots, :, self._positions] = value.transpose(1, 2)
-        span = slice(0, self._span)
-        return self.keys[layer_idx][self._slots, :, span], self.values[layer_idx][self._slots, :, span]
+        return self._write(self.keys[layer_idx], key), self._write(self.values[layer_idx], value)
+
+    def _write(self, cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        heads, head_dim = cache.shape[2:]
+        flat = cache.view(-1, heads, head_dim)  # (slots * max_len, H, hd)
+        flat.index_copy_(0, self._rows, new.transpose(1, 2).reshape(-1, heads, head_dim).to(cache.dtype))
+        return cache[:, : self._span].index_select(0, self._slots).transpose(1, 2)  # (B, H, K, hd)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._span
