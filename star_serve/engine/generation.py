@@ -3,13 +3,12 @@
 One engine thread owns the model. At every iteration it drops finished, cancelled and timed-out
 sequences, admits waiting ones into free KV-cache slots (their prefills batched in one forward), and runs
 one decode forward over every running sequence, whatever its tenant: each sequence routes with its own
-tenant's bases through the tenant bank. Callers talk to it through `generate`, an async iterator.
+tenant's bases through the tenant bank. Callers `submit` sequences and read each one's `GenerationStream`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
@@ -135,7 +134,6 @@ class GenerationEngine:
         self._wakeup = threading.Condition()
         self._stopping = False
         self.draining = False
-        self.steps = itertools.count()
         self.last_step_at = time.monotonic()
         self._outbox: list[tuple[GenerationStream, GenerationOutput]] = []
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
@@ -230,7 +228,6 @@ class GenerationEngine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: reap, admit and prefill newcomers, decode everyone else by one token."""
-        next(self.steps)
         try:
             self._step()
         finally:
