@@ -124,6 +124,7 @@ class GenerationEngine:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step = on_step
         self.device = next(model.parameters()).device
+        self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self.max_context = model.config.max_position_embeddings
         self.cache = SlotKVCache(
             model.config, config.max_running, self.max_context, self.device, next(model.parameters()).dtype
@@ -280,7 +281,7 @@ class GenerationEngine:
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
         want_routing = any(s.return_routing for s in batch)
-        out = self.model(
+        out = self.backbone(
             input_ids=ids.to(self.device),
             position_ids=positions,
             attention_mask=mask,
@@ -294,7 +295,7 @@ class GenerationEngine:
             phase = "prefill" if prefill else "decode"
             self.on_step(StepStats(phase, len(batch), int(ids.numel())))
         rows = torch.arange(len(batch), device=self.device)
-        next_logits = out.logits[rows, last.to(self.device)]  # (B, V)
+        next_logits = self.lm_head(out.last_hidden_state[rows, last.to(self.device)])  # (B, V): last positions only
         if want_routing:
             self._count_routing(batch, out.expert_indices, [len(s.prompt_ids) if prefill else 1 for s in batch])
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
