@@ -20,7 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..adaptation import TenantBank
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
+from ..engine.types import StepStats
 from ..metrics import ServingMetrics
+from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
 from ..model.loading import load_model, resolve_device, resolve_dtype
 from .errors import install_error_handlers
 from .routes import admin, health, inference
@@ -59,25 +61,26 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype)
 
-    def on_step(stats: object) -> None:
-        metrics.observe_step(name, stats)  # type: ignore[arg-type]
+    def on_step(stats: StepStats) -> None:
+        metrics.observe_step(name, stats)
 
     engine: GenerationEngine | ClassificationEngine
-    if task == "generate":
+    if isinstance(model, StarMoeForCausalLM):
         config = EngineConfig(
             max_running=settings.max_running,
             max_waiting=settings.max_waiting,
             max_prefill_batch=settings.max_prefill_batch,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step)  # type: ignore[arg-type]
+        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step)
     else:
+        assert isinstance(model, StarMoeForSequenceClassification)
         batcher = BatcherConfig(
             max_batch=settings.classify_max_batch,
             max_wait=settings.classify_max_wait_ms / 1000,
             max_waiting=max(1, settings.max_waiting * 4),
         )
-        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step)  # type: ignore[arg-type]
+        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step)
     return ServedModel(name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()))
 
 

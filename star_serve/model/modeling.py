@@ -259,7 +259,9 @@ class StarMoeModel(StarMoePreTrainedModel):
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
         for i, layer in enumerate(self.layers):
-            bases = router_bank[tenant_index, i] if router_bank is not None else None  # (B, E, D)
+            bases = None
+            if router_bank is not None:  # one shared bank row (E, D), or one row per sequence (B, E, D)
+                bases = router_bank[0, i] if router_bank.shape[0] == 1 else router_bank[tenant_index, i]
             x, router_input, logits, experts = layer(x, rotary, mask, past_key_values, bases, token_mask)
             all_logits.append(logits)
             if output_routing:

@@ -38,7 +38,8 @@ class StarMoeRouter(nn.Module):
     """Computes router logits (B, S, E) for one MoE layer.
 
     `bases` (B, E, D), when given, replaces the trained basis per sequence: this is how a batch that mixes
-    tenants routes each sequence through its own tenant's subspace in one pass.
+    tenants routes each sequence through its own tenant's subspace in one pass. A 2-D `bases` (E, D) is one
+    basis for the whole batch.
     """
 
     def __init__(self, config: StarMoeConfig) -> None:
@@ -64,7 +65,7 @@ class StarMoeRouter(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, S, D)
-        bases: torch.Tensor | None = None,  # (B, E, D)
+        bases: torch.Tensor | None = None,  # (B, E, D) or (E, D)
         token_mask: torch.Tensor | None = None,  # (B, S) bool, True for real tokens
     ) -> torch.Tensor:
         if not self.uses_subspace:
@@ -78,8 +79,9 @@ class StarMoeRouter(nn.Module):
                 self.basis.copy_(gha_update(self.basis, tokens, self.gha_learning_rate))
 
         mixing = self.star_gate.mixing_coef
-        if bases is None:
-            rotated = (mixing @ self.basis.to(mixing.dtype)).to(x.dtype)  # (E, D)
+        if bases is None or bases.dim() == 2:  # one basis for the whole batch
+            basis = self.basis if bases is None else bases
+            rotated = (mixing @ basis.to(mixing.dtype)).to(x.dtype)  # (E, D)
             gha_logits = F.linear(x, rotated)
         else:
             rotated = torch.einsum("ef,bfd->bed", mixing, bases.to(mixing.dtype)).to(x.dtype)  # (B, E, D)
