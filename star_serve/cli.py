@@ -7,8 +7,6 @@ import hashlib
 import json
 import logging
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -106,48 +104,12 @@ def cmd_serve(settings: Settings) -> None:
     import uvicorn
 
     from .api.app import create_app
+    from .api.server import DrainingServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    server = _draining_server_class()(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5),
-        drain_timeout=settings.drain_timeout,
-    )
-    server.run()
-
-
-def _draining_server_class() -> type:
-    import uvicorn
-
-    from .api.state import AppState
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM or SIGINT: readiness fails and new requests get 503 while in-flight requests finish
-        (up to `drain_timeout`); then uvicorn shuts down as usual. A second signal exits at once."""
-
-        def __init__(self, config: uvicorn.Config, drain_timeout: float) -> None:
-            super().__init__(config)
-            self.drain_timeout = drain_timeout
-            self._draining = False
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            state = getattr(self.config.app.state, "star", None)
-            if self._draining or state is None:  # a second signal: stop now
-                self.should_exit = self.force_exit = True
-                return
-            self._draining = True
-            state.begin_drain()
-            logging.getLogger(__name__).info("draining: %d requests in flight", state.in_flight)
-            threading.Thread(target=self._drain, args=(state,), daemon=True).start()
-
-        def _drain(self, state: AppState) -> None:
-            deadline = time.monotonic() + self.drain_timeout
-            while state.in_flight > 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            # A finished drain is a clean exit (status 0): uvicorn would re-raise a captured SIGTERM.
-            self.should_exit = True
-
-    return DrainingServer
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.star, settings.drain_timeout).run()
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:

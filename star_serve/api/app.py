@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -99,7 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
             served = await asyncio.to_thread(load_served_model, name, directory, state)
             served.engine.start()
             state.models[name] = served
-            metrics.engine_up.labels(name).set_function(lambda e=served.engine: float(e.alive))
+            metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
         state.ready = True
         log.info("serving %s", ", ".join(f"{n} ({m.task})" for n, m in state.models.items()))
@@ -119,6 +120,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlight, state=state)
     return app
+
+
+def _alive(served: ServedModel) -> float:
+    return float(served.engine.alive)
 
 
 class BodyLimit:

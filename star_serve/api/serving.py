@@ -148,8 +148,8 @@ class GenerationCall:
 
     async def respond(self, request: Request) -> CompletionResponse | ChatCompletionResponse:
         """Waits for every choice; the client hanging up cancels them."""
-        work = asyncio.gather(*(self._drain(c, None) for c in self.choices))
-        watcher = asyncio.ensure_future(_disconnected(request))
+        work: asyncio.Future[Any] = asyncio.gather(*(self._drain(c, None) for c in self.choices))
+        watcher: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:

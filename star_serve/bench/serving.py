@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,10 @@ async def _clients(url: str, prompts: list[str], max_tokens: int, concurrency: i
     return total
 
 
+def _run_clients(url: str, prompts: list[str], max_tokens: int, concurrency: int) -> int:
+    return asyncio.run(_clients(url, prompts, max_tokens, concurrency))
+
+
 # -- tenants ------------------------------------------------------------------------------------------
 
 
@@ -196,9 +201,8 @@ def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = prin
         for concurrency in cfg.concurrency:
             log(f"server, {concurrency} concurrent clients")
             asyncio.run(_clients(server.url, prompts[:concurrency], cfg.max_tokens, concurrency))  # warm-up
-            results["server"][str(concurrency)] = _median_rate(
-                lambda c=concurrency: asyncio.run(_clients(server.url, prompts, cfg.max_tokens, c)), cfg.repeats
-            )
+            run = partial(_run_clients, server.url, prompts, cfg.max_tokens, concurrency)
+            results["server"][str(concurrency)] = _median_rate(run, cfg.repeats)
     finally:
         server.close()
     log(f"engine, {cfg.tenants} sequences in flight: one tenant vs {cfg.tenants} tenants")

@@ -102,7 +102,7 @@ class ClassificationEngine:
             raise EngineDraining()
         loop = asyncio.get_running_loop()
         encoded = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_context)
-        items = []
+        items: list[_Item] = []
         for ids in encoded["input_ids"]:
             item = _Item(ids or [self.tokenizer.eos_token_id], tenant, return_routing, loop.create_future(), loop)
             try:

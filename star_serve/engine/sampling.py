@@ -24,7 +24,7 @@ def sample(
     """One token per row: argmax for temperature 0, else a draw from the tempered nucleus distribution."""
     logits = logits.float().cpu()
     greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
+    tokens: list[int] = []
     for row, p, gen in zip(logits, params, generators, strict=True):
         if p.greedy:
             tokens.append(greedy[len(tokens)])

@@ -203,7 +203,7 @@ class StarMoePreTrainedModel(PreTrainedModel):
         """The model's own GHA bases stacked as one tenant's bank row, (L, E, D) in float32."""
         backbone = self.base_model
         assert isinstance(backbone, StarMoeModel)
-        routers = [layer.mlp.router for layer in backbone.layers]
+        routers = [layer.mlp.router for layer in backbone.decoder_layers()]
         if not routers[0].uses_subspace:
             raise ValueError(f"router_type {self.config.router_type!r} has no GHA subspace")
         return torch.stack([r.basis.detach().float() for r in routers])
@@ -221,6 +221,9 @@ class StarMoeModel(StarMoePreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
+    def decoder_layers(self) -> list[StarMoeDecoderLayer]:
+        return [layer for layer in self.layers if isinstance(layer, StarMoeDecoderLayer)]
+
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
@@ -228,7 +231,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         self,
         input_ids: torch.LongTensor | None = None,  # (B, S)
         attention_mask: torch.Tensor | None = None,  # (B, K) padding mask, or (B, 1, S, K) bool
-        position_ids: torch.LongTensor | None = None,  # (B, S)
+        position_ids: torch.Tensor | None = None,  # (B, S)
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,

@@ -88,7 +88,7 @@ def _hash_order(items: Iterable[_Item]) -> list[_Item]:
 
 def _source_files(root: Path) -> list[str]:
     """Relative POSIX paths of the stdlib's own ``.py`` files, without tests and third-party packages."""
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         rel_dir = Path(dirpath).relative_to(root)
@@ -96,7 +96,7 @@ def _source_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _definitions(node: ast.AST) -> Iterable[ast.AST]:
+def _definitions(node: ast.AST) -> Iterable[ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef]:
     """Pre-order walk over statements only: much faster than ``ast.walk`` and finds every docstring owner."""
     if isinstance(node, _DOC_NODES):
         yield node
