@@ -1,6 +1,25 @@
-"""Per-tenant routing state: the bank of GHA bases that the engine routes with, and (later) the capture of
-statistics, the worker that folds them in, and the snapshot stores. Never imports the engine or the API."""
+"""Per-tenant routing state: the bank of GHA bases that the engine routes with, the capture of GHA
+statistics from a tenant's tokens, the guardrails of a step, and the snapshot stores. Never imports the
+engine or the API."""
 
 from .bank import BankView, TenantBank
+from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
+from .guardrails import Guardrails, StepReport, guarded_step, load_entropy
+from .store import CorruptSnapshot, LocalDirStore, Snapshot, SnapshotStore
 
-__all__ = ["BankView", "TenantBank"]
+__all__ = [
+    "BankView",
+    "CaptureConfig",
+    "CaptureCounts",
+    "CorruptSnapshot",
+    "Guardrails",
+    "LayerStatistics",
+    "LocalDirStore",
+    "Snapshot",
+    "SnapshotStore",
+    "StepReport",
+    "TenantBank",
+    "capture",
+    "guarded_step",
+    "load_entropy",
+]
