@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         None, ge=1, description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs)."
     )
+    adaptation: Literal["async", "off"] = Field("async", description="Per-tenant test-time subspace adaptation.")
+    adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
+    adaptation_min_tokens: int = Field(64, ge=1, description="Tokens of statistics that make one GHA step.")
+    max_token_norm: float = Field(64.0, gt=0, description="Router inputs longer than this are clipped to it.")
+    snapshot_keep: int = Field(10, ge=1, description="Versions of each tenant's bases kept for rollback.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
 
     @property

@@ -6,8 +6,12 @@ from .bank import BankView, TenantBank
 from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
 from .guardrails import Guardrails, StepReport, guarded_step, load_entropy
 from .store import CorruptSnapshot, LocalDirStore, Snapshot, SnapshotStore
+from .worker import AdaptationConfig, AdaptationStats, Adapter
 
 __all__ = [
+    "AdaptationConfig",
+    "AdaptationStats",
+    "Adapter",
     "BankView",
     "CaptureConfig",
     "CaptureCounts",

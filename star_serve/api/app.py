@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adaptation import TenantBank
+from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
 from ..engine.types import StepStats
@@ -61,6 +61,15 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     model, tokenizer = load_model(directory, task, device, dtype)
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype)
+    adapter = None
+    if trained is not None and settings.adaptation != "off":
+        adaptation = AdaptationConfig(
+            learning_rate=settings.adaptation_learning_rate,
+            min_tokens=settings.adaptation_min_tokens,
+            capture=CaptureConfig(max_token_norm=settings.max_token_norm),
+        )
+        store = LocalDirStore(settings.resolved_state_dir / "snapshots", keep=settings.snapshot_keep)
+        adapter = Adapter(name, trained, bank, store, adaptation)
 
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
@@ -73,7 +82,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_prefill_batch=settings.max_prefill_batch,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step)
+        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step, adapter=adapter)
     else:
         assert isinstance(model, StarMoeForSequenceClassification)
         batcher = BatcherConfig(
@@ -81,8 +90,10 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_wait=settings.classify_max_wait_ms / 1000,
             max_waiting=max(1, settings.max_waiting * 4),
         )
-        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step)
-    return ServedModel(name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()))
+        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step, adapter=adapter)
+    return ServedModel(
+        name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()), adapter=adapter
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -99,6 +110,8 @@ def create_app(settings: Settings) -> FastAPI:
         for name, directory in sources.items():
             served = await asyncio.to_thread(load_served_model, name, directory, state)
             served.engine.start()
+            if served.adapter is not None:
+                served.adapter.start()
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
@@ -110,6 +123,8 @@ def create_app(settings: Settings) -> FastAPI:
             state.ready = False
             for served in state.models.values():
                 served.engine.stop()
+                if served.adapter is not None:
+                    await served.adapter.stop()
 
     app = FastAPI(title="star-serve", version="0.1.0", lifespan=lifespan)
     app.state.star = state

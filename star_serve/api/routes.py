@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import AdminPrincipal, CurrentPrincipal, State
+from .errors import NotFound
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -23,6 +24,9 @@ from .schemas import (
     KeyList,
     ModelCard,
     ModelList,
+    SubspacePatch,
+    SubspaceRollback,
+    SubspaceState,
     Tenant,
     TenantCreate,
     TenantList,
@@ -96,7 +100,7 @@ async def _generate(
     served = state.model(body.model, "generate")
     call = GenerationCall(state, served, principal, body)
     started = time.monotonic()
-    call.start()
+    await call.start()
     if body.stream:
         return call.stream()
     try:
@@ -113,6 +117,42 @@ async def create_classification(body: ClassifyRequest, state: State, principal: 
         return await classify(state, served, principal, body)
     finally:
         state.metrics.request_latency.labels(served.name, "classify").observe(time.monotonic() - started)
+
+
+@inference.get("/subspace")
+async def get_subspace(state: State, principal: CurrentPrincipal, model: str | None = None) -> SubspaceState:
+    """The caller's tenant's adaptation state: version, tokens seen, drift and orthogonality per layer."""
+    return SubspaceState.model_validate(await state.adapted(model).describe(principal.tenant))
+
+
+@inference.patch("/subspace")
+async def patch_subspace(
+    body: SubspacePatch, state: State, principal: CurrentPrincipal, model: str | None = None
+) -> SubspaceState:
+    adapter = state.adapted(model)
+    await adapter.configure(principal.tenant, body.frozen, body.learning_rate)
+    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
+
+
+@inference.post("/subspace/reset")
+async def reset_subspace(state: State, principal: CurrentPrincipal, model: str | None = None) -> SubspaceState:
+    """Back to the trained bases, committed as a new version."""
+    adapter = state.adapted(model)
+    await adapter.reset(principal.tenant)
+    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
+
+
+@inference.post("/subspace/rollback")
+async def rollback_subspace(
+    body: SubspaceRollback, state: State, principal: CurrentPrincipal, model: str | None = None
+) -> SubspaceState:
+    """The bases of an earlier version, committed as a new version."""
+    adapter = state.adapted(model)
+    try:
+        await adapter.rollback(principal.tenant, body.version)
+    except KeyError:
+        raise NotFound(f"version {body.version} is not kept for this tenant", "version") from None
+    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
 
 
 @admin.post("/tenants", status_code=201)

@@ -229,3 +229,26 @@ class ErrorResponse(BaseModel):
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+class SubspaceState(BaseModel):
+    """A tenant's adaptation state for one model."""
+
+    model: str
+    tenant: str
+    version: int
+    tokens_seen: int
+    frozen: bool
+    learning_rate: float
+    last_update: float | None = Field(None, description="Unix time of the last committed version.")
+    drift: list[float] = Field(..., description="Per layer: projection distance from the trained basis.")
+    orthogonality_defect: list[float] = Field(..., description="Per layer: ||V V^T - I||_F.")
+
+
+class SubspacePatch(BaseModel):
+    frozen: bool | None = None
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class SubspaceRollback(BaseModel):
+    version: int = Field(..., ge=0, description="The version to restore (0: the trained bases).")

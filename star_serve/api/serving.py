@@ -72,7 +72,7 @@ class GenerationCall:
         self.choices: list[_Choice] = []
         self.prompt_tokens = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Tokenizes and queues every choice; raises before any response byte is sent."""
         body, engine = self.body, self.served.engine
         assert isinstance(engine, GenerationEngine)
@@ -104,6 +104,8 @@ class GenerationCall:
                 )
                 for choice in range(body.n)
             ]
+        if self.served.adapter is not None:  # a tenant's first request after a restart uses its latest version
+            await self.served.adapter.ensure_loaded(self.principal.tenant)
         streams = engine.submit(requests)
         self.prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt counted once, as OpenAI does
         self.choices = [_Choice(i, s) for i, s in enumerate(streams)]
@@ -236,6 +238,8 @@ async def classify(
 ) -> ClassifyResponse:
     engine = served.engine
     assert isinstance(engine, ClassificationEngine)
+    if served.adapter is not None:
+        await served.adapter.ensure_loaded(principal.tenant)
     results = await engine.classify(body.inputs(), principal.tenant, body.return_routing)
     tokens = sum(r.tokens for r in results)
     return ClassifyResponse(

@@ -8,10 +8,11 @@ from typing import Literal
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
+from ..adaptation import Adapter
 from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
 from ..metrics import ServingMetrics
-from .errors import NotFound
+from .errors import ApiError, NotFound
 from .tenants import TenantRegistry
 
 
@@ -22,6 +23,7 @@ class ServedModel:
     engine: GenerationEngine | ClassificationEngine
     tokenizer: PreTrainedTokenizerBase
     created: int
+    adapter: Adapter | None = None
 
 
 @dataclass
@@ -39,6 +41,19 @@ class AppState:
         self.draining = True
         for served in self.models.values():
             served.engine.draining = True
+
+    def adapted(self, name: str | None) -> Adapter:
+        """The adapter of model `name`, which may be omitted when a single model is served."""
+        if name is None:
+            if len(self.models) != 1:
+                raise ApiError("name the model: ?model=NAME (this server serves several)", "model")
+            name = next(iter(self.models))
+        served = self.models.get(name)
+        if served is None:
+            raise NotFound(f"no model named {name!r}", "model")
+        if served.adapter is None:
+            raise NotFound(f"model {name!r} has no adaptable subspace (router type or adaptation off)", "model")
+        return served.adapter
 
     def model(self, name: str, task: str) -> ServedModel:
         served = self.models.get(name)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation import TenantBank
+from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForSequenceClassification
+from .observe import observe
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,10 @@ class ClassificationEngine:
         bank: TenantBank,
         config: BatcherConfig = BatcherConfig(),
         on_step: Callable[[StepStats], None] | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
-        self.on_step = on_step
+        self.on_step, self.adapter = on_step, adapter
         self.device = next(model.parameters()).device
         self.max_context = min(model.config.max_position_embeddings, config.max_input_tokens)
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -141,7 +143,8 @@ class ClassificationEngine:
             ids[i, : len(item.ids)] = torch.tensor(item.ids)
             mask[i, : len(item.ids)] = 1
         view = self.bank.lookup([item.tenant for item in batch])
-        want_routing = any(item.return_routing for item in batch)
+        adapting = self.adapter is not None and view.bank is not None
+        want_routing = adapting or any(item.return_routing for item in batch)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -151,6 +154,10 @@ class ClassificationEngine:
         )
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
+        if adapting:
+            lengths = [len(item.ids) for item in batch]
+            tenants = [item.tenant for item in batch]
+            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation import TenantBank
+from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForCausalLM
 from .kv_cache import SlotKVCache
+from .observe import observe
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -120,9 +121,10 @@ class GenerationEngine:
         bank: TenantBank,
         config: EngineConfig = EngineConfig(),
         on_step: Callable[[StepStats], None] | None = None,
+        adapter: Adapter | None = None,
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
-        self.on_step = on_step
+        self.on_step, self.adapter = on_step, adapter
         self.device = next(model.parameters()).device
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self.max_context = model.config.max_position_embeddings
@@ -280,7 +282,8 @@ class GenerationEngine:
                 s.version = version
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
-        want_routing = any(s.return_routing for s in batch)
+        adapting = self.adapter is not None and view.bank is not None
+        want_routing = adapting or any(s.return_routing for s in batch)
         out = self.backbone(
             input_ids=ids.to(self.device),
             position_ids=positions,
@@ -296,8 +299,11 @@ class GenerationEngine:
             self.on_step(StepStats(phase, len(batch), int(ids.numel())))
         rows = torch.arange(len(batch), device=self.device)
         next_logits = self.lm_head(out.last_hidden_state[rows, last.to(self.device)])  # (B, V): last positions only
+        lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]
         if want_routing:
-            self._count_routing(batch, out.expert_indices, [len(s.prompt_ids) if prefill else 1 for s in batch])
+            self._count_routing(batch, out.expert_indices, lengths)
+        if adapting:
+            observe(self.adapter, [s.tenant for s in batch], lengths, view, out, self.model.config.num_local_experts)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:

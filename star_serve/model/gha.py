@@ -62,13 +62,13 @@ def gha_update(basis: torch.Tensor, x: torch.Tensor, lr: float) -> torch.Tensor:
 
 def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (E, D) of the row space of `basis`, via QR."""
-    q, _ = torch.linalg.qr(basis.detach().float().T)  # (D, E)
+    q, _ = torch.linalg.qr(basis.detach().T.to(torch.promote_types(basis.dtype, torch.float32)))  # (D, E)
     return q.T
 
 
 def projection_distance(u: torch.Tensor, v: torch.Tensor) -> float:
     """`||U^T U - V^T V||_F / sqrt(2E)` after orthonormalising: 0 for equal subspaces, 1 for orthogonal."""
-    qu, qv = orthonormalize(u), orthonormalize(v)
+    qu, qv = orthonormalize(u.double()), orthonormalize(v.double())  # float64: sqrt amplifies rounding near 0
     # ||Pu - Pv||_F^2 = 2E - 2 ||Qu Qv^T||_F^2, without forming the (D, D) projectors.
     e = qu.shape[0]
     overlap = (qu @ qv.T).square().sum().item()

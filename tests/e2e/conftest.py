@@ -137,5 +137,7 @@ def launch(checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def server(launch: Launcher) -> Server:
-    """The shared server: auth off, default limits, both tiny models."""
-    return launch()
+    """The shared server: auth off, default limits, both tiny models, adaptation off. These tests compare
+    answers across requests (streamed vs not, batched vs alone, same seed), which only holds when every
+    answer comes from the same bases; adaptation has its own servers in test_e2e_adaptation.py."""
+    return launch(env={"STAR_ADAPTATION": "off"})
