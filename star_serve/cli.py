@@ -127,8 +127,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="JSON file of settings (overridden by STAR_* and flags)")
     parser = argparse.ArgumentParser(prog="star-serve", description=__doc__)
-    parser.add_argument("--config", type=Path, help="JSON file of settings (overridden by STAR_* and flags)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a STAR MoE model on a small corpus")
@@ -140,14 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one")
     train.add_argument("--seed", type=int, default=0)
 
-    serve = sub.add_parser("serve", help="serve models over HTTP (the demo models when no --model is given)")
+    serve = sub.add_parser(
+        "serve", parents=[common], help="serve models over HTTP (the demo models when no --model is given)"
+    )
     serve.add_argument("--model", action="append", dest="models", metavar="[NAME=]DIR", help="repeatable")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--device")
     serve.add_argument("--dtype")
 
-    bench = sub.add_parser("bench", help="run a benchmark; writes JSON, a Markdown table and a PNG plot")
+    bench = sub.add_parser(
+        "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
+    )
     bench.add_argument("name", choices=("serving",))
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -155,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
 
-    demo = sub.add_parser("demo", help="build the demo models if needed, then generate and classify once")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="build the demo models if needed, then generate and classify once"
+    )
     demo.add_argument("--prompt", default="Return a list of the words in the string")
     demo.add_argument("--text", default="Send the request to the server and wait for the HTTP response.")
     demo.add_argument("--max-tokens", type=int, default=40)

@@ -27,6 +27,10 @@ from .store import Snapshot, SnapshotStore
 log = logging.getLogger(__name__)
 
 
+class CommitConflict(Exception):
+    """A compare-and-set commit lost to another writer; the caller may retry."""
+
+
 @dataclass(frozen=True)
 class AdaptationConfig:
     mode: Literal["async", "off"] = "async"
@@ -225,7 +229,7 @@ class Adapter:
         restored = Snapshot(self.model, tenant, current + 1, bases, meta={"restored_from": str(version)})
         if not await self.store.commit(restored, expected=current):
             self.stats.commits_lost += 1
-            raise RuntimeError("another writer committed first; retry")
+            raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")
         with self._lock:
             state.pending, state.load = None, None
             self._adopt(tenant, state, restored)

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..adaptation.worker import CommitConflict
 from ..engine import EngineDraining, EngineOverloaded, RequestTooLong
 from ..metrics import ServingMetrics
 from .schemas import error_body
@@ -35,6 +36,14 @@ class Forbidden(ApiError):
 
 class NotFound(ApiError):
     status, type = 404, "not_found_error"
+
+
+class ClientDisconnected(ApiError):
+    status, type = 499, "client_disconnected"  # nginx's status for a client that closed the request
+
+
+class GenerationFailed(ApiError):
+    status, type = 500, "internal_error"
 
 
 class Conflict(ApiError):
@@ -68,6 +77,11 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         counted(type_)
         return _response(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(CommitConflict)
+    async def conflict(_: Request, exc: CommitConflict) -> JSONResponse:
+        counted("conflict_error")
+        return _response(409, f"{exc}; retry", "conflict_error")
 
     @app.exception_handler(RequestTooLong)
     async def too_long(_: Request, exc: RequestTooLong) -> JSONResponse:

@@ -80,14 +80,14 @@ async def list_models(state: State, _: CurrentPrincipal) -> ModelList:
 async def create_completion(
     body: CompletionRequest, request: Request, state: State, principal: CurrentPrincipal
 ) -> Response | CompletionResponse | ChatCompletionResponse:
-    return await _generate(body, request, state, principal, "completions")
+    return await _generate(body, request, state, principal)
 
 
 @inference.post("/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: State, principal: CurrentPrincipal
 ) -> Response | CompletionResponse | ChatCompletionResponse:
-    return await _generate(body, request, state, principal, "chat")
+    return await _generate(body, request, state, principal)
 
 
 async def _generate(
@@ -95,28 +95,24 @@ async def _generate(
     request: Request,
     state: State,
     principal: CurrentPrincipal,
-    endpoint: str,
 ) -> Response | CompletionResponse | ChatCompletionResponse:
-    served = state.model(body.model, "generate")
-    call = GenerationCall(state, served, principal, body)
-    started = time.monotonic()
+    call = GenerationCall(state, state.model(body.model, "generate"), principal, body)
     await call.start()
-    if body.stream:
-        return call.stream()
-    try:
-        return await call.respond(request)
-    finally:
-        state.metrics.request_latency.labels(served.name, endpoint).observe(time.monotonic() - started)
+    return call.stream() if body.stream else await call.respond(request)
 
 
 @inference.post("/classify")
 async def create_classification(body: ClassifyRequest, state: State, principal: CurrentPrincipal) -> ClassifyResponse:
     served = state.model(body.model, "classify")
     started = time.monotonic()
+    outcome = "error"
     try:
-        return await classify(state, served, principal, body)
+        response = await classify(state, served, principal, body)
+        outcome = "ok"
+        return response
     finally:
         state.metrics.request_latency.labels(served.name, "classify").observe(time.monotonic() - started)
+        state.metrics.requests.labels(served.name, "classify", outcome).inc()
 
 
 @inference.get("/subspace")

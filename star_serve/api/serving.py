@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from ..engine import ClassificationEngine, GenerationEngine, GenerationOutput, SamplingParams
 from ..engine.generation import GenerationStream, SequenceRequest
 from .auth import Principal
-from .errors import ApiError
+from .errors import ApiError, ClientDisconnected, GenerationFailed
 from .schemas import (
     ChatChoice,
     ChatCompletionRequest,
@@ -31,6 +31,7 @@ from .schemas import (
     CompletionResponse,
     StarInfo,
     Usage,
+    error_body,
 )
 from .state import AppState, ServedModel
 
@@ -157,10 +158,15 @@ class GenerationCall:
             if watcher in done:
                 self.cancel()
                 work.cancel()
-                raise ApiError("client disconnected")
+                self._record("disconnected")
+                raise ClientDisconnected("client disconnected")
             work.result()
         finally:
             watcher.cancel()
+        if any(c.final is not None and c.final.finish_reason == "error" for c in self.choices):
+            self._record("error")
+            raise GenerationFailed("generation failed inside the engine; see the server log")
+        self._record("ok")
         routing = [c.final.routing or [] for c in self.choices if c.final] if self.body.return_routing else None
         reasons = [_openai_reason(c.final) for c in self.choices]
         if self.chat:
@@ -193,6 +199,7 @@ class GenerationCall:
     async def _events(self) -> AsyncIterator[str]:
         sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] = asyncio.Queue()
         tasks = [asyncio.ensure_future(self._drain(c, sink)) for c in self.choices]
+        outcome = "disconnected"
         try:
             if self.chat:
                 for c in self.choices:
@@ -200,6 +207,10 @@ class GenerationCall:
             remaining = len(self.choices)
             while remaining:
                 choice, output = await sink.get()
+                if output.finish_reason == "error":
+                    outcome = "error"
+                    yield _sse(error_body("generation failed inside the engine", "internal_error", None, 500))
+                    break
                 reason = _openai_reason(output) if output.finish_reason is not None else None
                 remaining -= reason is not None
                 if not output.text and reason is None:
@@ -211,10 +222,19 @@ class GenerationCall:
             if include_usage:
                 yield _sse(self._chunk(None, None, None) | {"choices": [], "usage": self._usage().model_dump()})
             yield "data: [DONE]\n\n"
+            outcome = "ok" if outcome != "error" else outcome
         finally:  # the client went away, or we are done: free whatever is still running
+            self._record(outcome)
             self.cancel()
             for task in tasks:
                 task.cancel()
+
+    def _record(self, outcome: str) -> None:
+        """The request's end-to-end latency and outcome, streamed or not."""
+        endpoint = "chat" if self.chat else "completions"
+        metrics = self.state.metrics
+        metrics.request_latency.labels(self.served.name, endpoint).observe(time.monotonic() - self.arrived)
+        metrics.requests.labels(self.served.name, endpoint, outcome).inc()
 
     def _chunk(self, index: int | None, content: Any, reason: str | None, routing: Any = None) -> dict[str, Any]:
         choices = []

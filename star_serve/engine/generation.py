@@ -194,6 +194,11 @@ class GenerationEngine:
         with self._wakeup:
             if self.draining or self._stopping:
                 raise EngineDraining()
+            if len(seqs) > self.config.max_waiting + self.config.max_running:
+                raise RequestTooLong(
+                    f"{len(seqs)} sequences (prompts x n) can never be admitted together; "
+                    f"the most is {self.config.max_waiting + self.config.max_running}"
+                )
             if len(self._waiting) + len(seqs) > self.config.max_waiting + len(self._free_slots):
                 raise EngineOverloaded(retry_after=1.0)
             self._waiting.extend(seqs)
@@ -243,12 +248,23 @@ class GenerationEngine:
                 self._finish(seq, "cancelled")
             elif now > seq.deadline:
                 self._finish(seq, "timeout")
+        self._drop_abandoned()
         decoding = [*self._running]
         newcomers = self._admit()
         if newcomers:
             self._forward(newcomers, prefill=True)
         if decoding:
             self._forward(decoding, prefill=False)
+
+    def _drop_abandoned(self) -> None:
+        """Ends queued sequences that were cancelled or expired, so they stop holding queue places."""
+        now = time.monotonic()
+        with self._wakeup:
+            abandoned = [s for s in self._waiting if s.cancelled or now > s.deadline]
+            for seq in abandoned:
+                self._waiting.remove(seq)
+        for seq in abandoned:
+            self._finish(seq, "cancelled" if seq.cancelled else "timeout")
 
     def _admit(self) -> list[_Sequence]:
         admitted: list[_Sequence] = []
@@ -332,12 +348,11 @@ class GenerationEngine:
         if not (eos or out_of_room or seq.incremental or seq.params.stop):
             return
         text = self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
-        for stop in seq.params.stop:
-            at = text.find(stop, max(0, seq.emitted_chars - len(stop)))
-            if at != -1:
-                self._send(seq, text[:at], final=True)
-                self._finish(seq, "stop")
-                return
+        found = [text.find(stop, max(0, seq.emitted_chars - len(stop))) for stop in seq.params.stop]
+        if any(at != -1 for at in found):  # cut at the earliest stop string, whichever it is
+            self._send(seq, text[: min(at for at in found if at != -1)], final=True)
+            self._finish(seq, "stop")
+            return
         if eos or out_of_room:
             self._send(seq, text, final=True)
             self._finish(seq, "stop" if eos else "length")

@@ -14,10 +14,6 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past the end-of-text token (benchmarks)
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
 
 @dataclass
 class GenerationOutput:

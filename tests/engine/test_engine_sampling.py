@@ -26,7 +26,13 @@ def test_temperature_zero_is_argmax_and_needs_no_generator() -> None:
     logits = _logits(16, 50)
     params = [SamplingParams(temperature=0.0)] * 16
     assert sample(logits, params, [None] * 16) == logits.argmax(-1).tolist()
-    assert SamplingParams(temperature=0.0).greedy and not SamplingParams(temperature=0.5).greedy
+
+
+def test_extreme_parameters_fall_back_to_argmax_instead_of_failing() -> None:
+    logits = _logits(4, 50)
+    params = [SamplingParams(temperature=1e-300), SamplingParams(top_p=1e-300), SamplingParams(temperature=1e-6)] * 1
+    generators = [torch.Generator().manual_seed(0) for _ in params]
+    assert sample(logits[:3], params, generators) == logits[:3].argmax(-1).tolist()
 
 
 def test_rows_follow_their_own_params() -> None:
