@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         None, ge=1, description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs)."
     )
+    redis_url: str | None = Field(
+        None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
+    )
     adaptation: Literal["async", "off"] = Field("async", description="Per-tenant test-time subspace adaptation.")
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
     adaptation_min_tokens: int = Field(64, ge=1, description="Tokens of statistics that make one GHA step.")

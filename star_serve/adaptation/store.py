@@ -86,6 +86,10 @@ class SnapshotStore(Protocol):
 
     async def versions(self, model: str, tenant: str) -> list[int]: ...
 
+    async def ping(self) -> bool:
+        """Whether the store answers now."""
+        ...
+
 
 class LocalDirStore:
     """Snapshots as files `<root>/<model>/<tenant>/<version>.safetensors`, the newest `keep` kept.
@@ -145,3 +149,6 @@ class LocalDirStore:
 
     async def versions(self, model: str, tenant: str) -> list[int]:
         return await asyncio.to_thread(self._versions, self._dir(model, tenant))
+
+    async def ping(self) -> bool:
+        return True

@@ -38,6 +38,7 @@ class AdaptationConfig:
     min_tokens: int = 64  # statistics of at least this many tokens make a step
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
+    poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
 
 
 @dataclass
@@ -80,7 +81,8 @@ class Adapter:
         self._lock = threading.Lock()
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Future[None]] = []
+        self.store_ok = True  # the last store operation succeeded
 
     # -- engine thread -----------------------------------------------------------------------------
 
@@ -115,12 +117,65 @@ class Adapter:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._task = asyncio.ensure_future(self._run())
+        self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._poll())]
+        if hasattr(self.store, "announcements"):
+            self._tasks.append(asyncio.ensure_future(self._follow()))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _follow(self) -> None:
+        """Adopts versions that other replicas commit, as their announcements arrive."""
+        while True:
+            try:
+                async for tenant, version in self.store.announcements(self.model):  # type: ignore[attr-defined]
+                    self.store_ok = True
+                    await self._refresh(tenant, version)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._store_failed("following announcements")
+                await asyncio.sleep(self.config.poll_interval)
+
+    async def _poll(self) -> None:
+        """Confirms by polling what announcements may have missed (a dropped connection, a restart)."""
+        while True:
+            await asyncio.sleep(self.config.poll_interval)
+            if not await self.store.ping():
+                self._store_failed("pinging")
+                continue
+            self.store_ok = True
+            with self._lock:
+                tenants = [t for t, s in self.tenants.items() if s.loaded]
+            for tenant in tenants:
+                try:
+                    versions = await self.store.versions(self.model, tenant)
+                    self.store_ok = True
+                except Exception:
+                    self._store_failed("polling versions")
+                    break
+                if versions:
+                    await self._refresh(tenant, versions[-1])
+
+    async def _refresh(self, tenant: str, version: int) -> None:
+        with self._lock:
+            state = self.tenants.get(tenant)
+            if state is None or version <= state.version:
+                return
+        snapshot = await self.store.load(self.model, tenant, version)
+        if snapshot is None:
+            return
+        with self._lock:
+            if snapshot.version > state.version:
+                self._adopt(tenant, state, snapshot)
+
+    def _store_failed(self, doing: str) -> None:
+        if self.store_ok:
+            log.warning("snapshot store unavailable while %s; serving cached bases", doing, exc_info=True)
+        self.store_ok = False
+        self.stats.store_errors += 1
 
     async def _run(self) -> None:
         while True:
@@ -132,8 +187,10 @@ class Adapter:
                 try:
                     await self.step(tenant)
                 except Exception:
-                    self.stats.store_errors += 1
                     log.exception("adaptation step of %s/%s failed", self.model, tenant)
+            if not self.store_ok:  # retry pending commits once the store is back, without spinning
+                await asyncio.sleep(self.config.poll_interval)
+                self._wakeup.set()
 
     def _due(self, state: TenantState) -> bool:
         return not state.loaded or (state.pending is not None and state.pending.tokens >= self.config.min_tokens)
@@ -144,7 +201,12 @@ class Adapter:
             state = self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
             if state.loaded:
                 return state
-        snapshot = await self.store.latest(self.model, tenant)
+        try:
+            snapshot = await self.store.latest(self.model, tenant)
+            self.store_ok = True
+        except Exception:  # keep serving what is cached; the next request or the worker tries again
+            self._store_failed(f"loading {tenant}")
+            return state
         with self._lock:
             if not state.loaded and snapshot is not None and snapshot.version > state.version:
                 self._adopt(tenant, state, snapshot)
@@ -169,7 +231,18 @@ class Adapter:
             self.stats.rejected_steps += 1
             return False
         snapshot = Snapshot(self.model, tenant, version + 1, new, meta={"learning_rate": repr(lr)})
-        if not await self.store.commit(snapshot, expected=version):
+        try:
+            committed = await self.store.commit(snapshot, expected=version)
+            self.store_ok = True
+        except Exception:
+            self._store_failed(f"committing {tenant} v{version + 1}")
+            with self._lock:  # keep the statistics (bounded: they add up) for when the store is back
+                if state.pending is None or state.pending.version != version:
+                    state.pending = stats
+                else:
+                    state.pending = stats + state.pending
+            return False
+        if not committed:
             self.stats.commits_lost += 1
             with self._lock:
                 state.loaded = False  # another writer moved ahead: reload before the next step

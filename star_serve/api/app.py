@@ -18,7 +18,8 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
+from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, SnapshotStore, TenantBank
+from ..adaptation.redis_store import RedisSnapshotStore
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
 from ..engine.types import StepStats
@@ -68,7 +69,11 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             min_tokens=settings.adaptation_min_tokens,
             capture=CaptureConfig(max_token_norm=settings.max_token_norm),
         )
-        store = LocalDirStore(settings.resolved_state_dir / "snapshots", keep=settings.snapshot_keep)
+        store: SnapshotStore
+        if settings.redis_url:
+            store = RedisSnapshotStore.from_url(settings.redis_url, keep=settings.snapshot_keep)
+        else:
+            store = LocalDirStore(settings.resolved_state_dir / "snapshots", keep=settings.snapshot_keep)
         adapter = Adapter(name, trained, bank, store, adaptation)
 
     def on_step(stats: StepStats) -> None:

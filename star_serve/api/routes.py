@@ -58,7 +58,9 @@ async def get_ready(state: State) -> JSONResponse:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not state.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ready", "models": sorted(state.models)})
+    adapters = [m.adapter for m in state.models.values() if m.adapter is not None]
+    store = "ok" if all(a.store_ok for a in adapters) else "degraded"  # serving goes on from cached bases
+    return JSONResponse({"status": "ready", "models": sorted(state.models), "store": store})
 
 
 @health.get("/metrics", response_class=PlainTextResponse)

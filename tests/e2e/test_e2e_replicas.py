@@ -1,0 +1,48 @@
+"""Two server processes on one real Redis: one tenant's traffic on both, versions only increase, and both
+replicas end up serving the same committed version."""
+
+from __future__ import annotations
+
+from .support import LM_NAME, Launcher, Server, wait_until
+
+PROMPT = "the quick brown fox jumps over the lazy dog and then the"
+
+
+def _served_version(server: Server, tenant: str) -> int:
+    body = {"model": LM_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+    response = server.http.post("/v1/completions", json=body, headers={"X-Tenant": tenant})
+    assert response.status_code == 200, response.text
+    return int(response.json()["star"]["subspace_version"])
+
+
+def _state_version(server: Server, tenant: str) -> int:
+    response = server.http.get("/v1/subspace", params={"model": LM_NAME}, headers={"X-Tenant": tenant})
+    assert response.status_code == 200, response.text
+    return int(response.json()["version"])
+
+
+def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str) -> None:
+    env = {"STAR_REDIS_URL": redis_url, "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
+    replicas = [launch(env=env), launch(env=env)]
+    for server in replicas:
+        assert server.http.get("/ready").json()["store"] == "ok"
+
+    seen: dict[int, list[int]] = {0: [], 1: []}
+
+    def adapted() -> bool:
+        for i, server in enumerate(replicas):
+            seen[i].append(_served_version(server, "shared"))
+        return min(_state_version(s, "shared") for s in replicas) >= 3
+
+    wait_until(adapted, timeout=90, what="both replicas at version 3 or later")
+    for versions in seen.values():
+        assert versions == sorted(versions), versions  # what a replica serves never goes back
+
+    # with the traffic stopped, announcements (or polling) bring both to the same latest version
+    wait_until(
+        lambda: len({_state_version(s, "shared") for s in replicas}) == 1,
+        timeout=30,
+        what="both replicas on the same version",
+    )
+    final = _state_version(replicas[0], "shared")
+    assert {_served_version(s, "shared") for s in replicas} >= {final}
