@@ -1,0 +1,66 @@
+"""The adapter without a server: statistics in, guarded step, compare-and-set commit, bank published;
+stale statistics dropped; an expert-load collapse rolls the tenant back."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import torch
+
+from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
+from star_serve.model import orthonormalize
+
+L, E, D = 2, 4, 16
+
+
+def _adapter(tmp_path: Path) -> tuple[Adapter, TenantBank]:
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    config = AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
+    return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config), bank
+
+
+def _observe(adapter: Adapter, version: int, load: torch.Tensor | None = None) -> None:
+    bases = adapter.trained if version == 0 else adapter.tenants["acme"].bases
+    assert bases is not None
+    inputs = [torch.randn(16, D) for _ in range(L)]
+    adapter.observe("acme", version, bases, inputs, torch.full((L, E), 4) if load is None else load)
+
+
+def test_statistics_make_a_committed_published_version(tmp_path: Path) -> None:
+    adapter, bank = _adapter(tmp_path)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0)
+        assert await adapter.step("acme")
+        assert adapter.tenants["acme"].version == 1 and adapter.tenants["acme"].tokens_seen == 16
+        view = bank.lookup(["acme", "other"])
+        assert view.versions == [1, 0]
+        stored = await adapter.store.latest("lm", "acme")
+        assert stored is not None and torch.equal(stored.bases, adapter.tenants["acme"].bases)
+
+        _observe(adapter, 0)  # taken against version 0, which is no longer the tenant's
+        assert adapter.stats.stale == 1 and adapter.tenants["acme"].pending is None
+
+    asyncio.run(scenario())
+
+
+def test_an_expert_load_collapse_rolls_back(tmp_path: Path) -> None:
+    adapter, _ = _adapter(tmp_path)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0)
+        assert await adapter.step("acme")
+        collapsed = torch.zeros(L, E, dtype=torch.long)
+        collapsed[:, 0] = 16  # every token on expert 0: entropy 0
+        _observe(adapter, 1, load=collapsed)
+        assert not await adapter.step("acme")
+        state = adapter.tenants["acme"]
+        assert state.version == 2 and adapter.stats.rollbacks == 1
+        assert torch.equal(state.bases, adapter.trained)  # version 1's predecessor: the trained bases
+
+    asyncio.run(scenario())
