@@ -68,21 +68,25 @@ def capture(
 ) -> LayerStatistics:
     """The statistics of one tenant's tokens from one forward, against `bases`."""
     n = router_inputs[0].shape[0]
-    keep = torch.ones(n, dtype=torch.bool)
-    if config.sample_rate < 1.0:
-        keep = torch.rand(n, generator=generator) < config.sample_rate
-    chosen = keep.nonzero().squeeze(1)
-    counts = CaptureCounts(dropped=max(0, len(chosen) - config.max_tokens_per_batch))
-    chosen = chosen[: config.max_tokens_per_batch]
+    rows = [x.detach().float().cpu() for x in router_inputs]  # L x (n, D)
+    counts = CaptureCounts()
+    if config.sample_rate < 1.0 or n > config.max_tokens_per_batch:
+        keep = torch.ones(n, dtype=torch.bool)
+        if config.sample_rate < 1.0:
+            keep = torch.rand(n, generator=generator) < config.sample_rate
+        chosen = keep.nonzero().squeeze(1)
+        counts.dropped = max(0, len(chosen) - config.max_tokens_per_batch)
+        chosen = chosen[: config.max_tokens_per_batch]
+        rows = [r[chosen] for r in rows]
     # A token rejected (non-finite) at any layer is dropped at every layer, so that N agrees across layers.
-    rows = [x[chosen.to(x.device)].float().cpu() for x in router_inputs]  # L x (n, D)
     finite = torch.stack([r.isfinite().all(dim=-1) for r in rows]).all(dim=0)
     counts.rejected = int((~finite).sum())
-    counts.sampled = int(finite.sum())
+    if counts.rejected:
+        rows = [r[finite] for r in rows]
+    counts.sampled = rows[0].shape[0]
     clipped = torch.zeros(counts.sampled, dtype=torch.bool)
     layers = []
     for basis, r in zip(bases, rows, strict=True):
-        r = r[finite]
         norms = r.norm(dim=-1, keepdim=True)
         over = norms > config.max_token_norm
         clipped |= over.squeeze(1)

@@ -19,12 +19,20 @@ def observe(
 ) -> None:
     if adapter is None or view.bank is None or view.index is None:
         return
-    rows_of: dict[str, list[int]] = {}
-    for i, tenant in enumerate(tenants):
-        rows_of.setdefault(tenant, []).append(i)
-    for tenant, rows in rows_of.items():
-        inputs = [torch.cat([layer[i, : lengths[i]] for i in rows]) for layer in out.router_inputs]  # L x (n, D)
-        experts = [torch.cat([layer[i, : lengths[i]] for i in rows]) for layer in out.expert_indices]
-        load = torch.stack([torch.bincount(e.reshape(-1).cpu(), minlength=num_experts) for e in experts])  # (L, E)
-        bases = view.bank[view.index[rows[0]]]  # (L, E, D): every sequence of a tenant shares its row
-        adapter.observe(tenant, view.versions[rows[0]], bases, inputs, load)
+    names = sorted(set(tenants))
+    owner = torch.tensor([names.index(t) for t in tenants])  # (B,) each sequence's tenant, as a number
+    seq_len = out.router_inputs[0].shape[1]
+    real = torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]  # (B, S): tokens, not padding
+    for t, tenant in enumerate(names):
+        tokens = real if len(names) == 1 else real & (owner == t)[:, None]
+        device_tokens = tokens.to(out.router_inputs[0].device)
+        inputs = [layer[device_tokens] for layer in out.router_inputs]  # L x (n, D)
+        load = torch.stack(
+            [
+                torch.bincount(layer[device_tokens].reshape(-1).cpu(), minlength=num_experts)
+                for layer in out.expert_indices
+            ]
+        )  # (L, E)
+        row = tenants.index(tenant)
+        bases = view.bank[view.index[row]]  # (L, E, D): every sequence of a tenant shares its row
+        adapter.observe(tenant, view.versions[row], bases, inputs, load)
