@@ -93,10 +93,8 @@ class Adapter:
         `version`; `load` (L, E) counts their tokens per expert."""
         if self.config.mode == "off":
             return
-        stats = capture(bases, inputs, version, self.config.capture)
         with self._lock:
             state = self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
-            self.stats.captured += stats.counts
             state.load = load.cpu() if state.load is None else state.load + load.cpu()
             if version != state.version:
                 self.stats.stale += 1
@@ -104,6 +102,12 @@ class Adapter:
                     self.bank.publish(tenant, state.bases, state.version)
                 return
             if state.frozen:
+                return
+        stats = capture(bases, inputs, version, self.config.capture)  # only for tokens that will count
+        with self._lock:
+            self.stats.captured += stats.counts
+            if version != state.version:  # a commit landed while capturing
+                self.stats.stale += 1
                 return
             if state.pending is not None and state.pending.version != version:  # taken against a replaced basis
                 self.stats.stale += 1

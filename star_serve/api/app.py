@@ -28,6 +28,7 @@ from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
 from ..model.loading import load_model, resolve_device, resolve_dtype
 from .errors import install_error_handlers
 from .routes import admin, health, inference
+from .schemas import error_body
 from .state import AppState, ServedModel
 from .tenants import TenantRegistry
 
@@ -192,8 +193,6 @@ class InFlight:
 
 
 async def _send_error(send: Send, status: int, message: str) -> None:
-    from .schemas import error_body
-
     body = json.dumps(error_body(message, "invalid_request_error", None, status)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForSequenceClassification
+from ..model.inputs import pad_right
 from .observe import observe
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
@@ -72,7 +73,6 @@ class ClassificationEngine:
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self._pending: queue.Queue[_Item] = queue.Queue(maxsize=config.max_waiting)
         self.draining = False
-        self.last_step_at = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="classification-engine", daemon=True)
         self._stopping = False
 
@@ -119,7 +119,6 @@ class ClassificationEngine:
     def _loop(self) -> None:
         while not self._stopping:
             batch = collate(self._pending, self.config.max_batch, self.config.max_wait)
-            self.last_step_at = time.monotonic()
             batch = [item for item in batch if not item.future.cancelled()]
             if not batch:
                 continue
@@ -132,16 +131,10 @@ class ClassificationEngine:
                 continue
             for item, result in zip(batch, results, strict=True):
                 item.loop.call_soon_threadsafe(_set_result, item.future, result)
-            self.last_step_at = time.monotonic()
 
     @torch.inference_mode()
     def _run(self, batch: list[_Item]) -> list[ClassificationResult]:
-        width = max(len(item.ids) for item in batch)
-        ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, item in enumerate(batch):
-            ids[i, : len(item.ids)] = torch.tensor(item.ids)
-            mask[i, : len(item.ids)] = 1
+        ids, mask = pad_right([item.ids for item in batch], self.tokenizer.pad_token_id or 0)
         view = self.bank.lookup([item.tenant for item in batch])
         adapting = self.adapter is not None and view.bank is not None
         want_routing = adapting or any(item.return_routing for item in batch)

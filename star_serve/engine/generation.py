@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForCausalLM
+from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .observe import observe
 from .sampling import make_generator, sample
@@ -137,7 +138,6 @@ class GenerationEngine:
         self._wakeup = threading.Condition()
         self._stopping = False
         self.draining = False
-        self.last_step_at = time.monotonic()
         self._outbox: list[tuple[GenerationStream, GenerationOutput]] = []
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
 
@@ -218,7 +218,6 @@ class GenerationEngine:
             with self._wakeup:
                 while not (self._stopping or self._waiting or self._running):
                     self._wakeup.wait(timeout=1.0)
-                    self.last_step_at = time.monotonic()
                 if self._stopping:
                     break
             try:
@@ -228,7 +227,6 @@ class GenerationEngine:
                 for seq in [*self._running]:
                     self._finish(seq, "error")
                 self._flush()
-            self.last_step_at = time.monotonic()
         for seq in [*self._running, *self._waiting]:
             self._finish(seq, "cancelled")
         self._flush()
@@ -282,10 +280,7 @@ class GenerationEngine:
 
     def _forward(self, batch: list[_Sequence], prefill: bool) -> None:
         if prefill:
-            width = max(len(s.prompt_ids) for s in batch)
-            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-            for i, s in enumerate(batch):
-                ids[i, : len(s.prompt_ids)] = torch.tensor(s.prompt_ids)
+            ids, _ = pad_right([s.prompt_ids for s in batch], self.tokenizer.pad_token_id or 0)
             starts = torch.zeros(len(batch), dtype=torch.long)
             last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
         else:

@@ -34,11 +34,16 @@ class StarMoeRMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(config: StarMoeConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (hd/2,)."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+    return 1.0 / config.rope_theta**exponents
+
+
 class StarMoeRotaryEmbedding(nn.Module):
     def __init__(self, config: StarMoeConfig) -> None:
         super().__init__()
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
-        self.register_buffer("inv_freq", 1.0 / config.rope_theta**exponents, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     inv_freq: torch.Tensor
 
@@ -196,8 +201,7 @@ class StarMoePreTrainedModel(PreTrainedModel):
             init.zeros_(module.alpha)
             init.orthogonal_(module.gha.basis)  # unit-norm, orthogonal rows
         elif isinstance(module, StarMoeRotaryEmbedding):
-            exponents = torch.arange(0, self.config.head_dim, 2, dtype=torch.float32) / self.config.head_dim
-            init.copy_(module.inv_freq, 1.0 / self.config.rope_theta**exponents)
+            init.copy_(module.inv_freq, rope_inv_freq(self.config))
 
     def trained_bases(self) -> torch.Tensor:
         """The model's own GHA bases stacked as one tenant's bank row, (L, E, D) in float32."""

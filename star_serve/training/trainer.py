@@ -27,6 +27,7 @@ from ..model import (
     StarMoeForSequenceClassification,
     StarMoePreTrainedModel,
 )
+from ..model.inputs import pad_right
 from .presets import Preset
 from .tokenizer import train_tokenizer
 
@@ -209,16 +210,6 @@ def train_lm(
     return _finish(model, tokenizer, out_dir, summary)
 
 
-def _pad_batch(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 def train_classifier(
     train_examples: Sequence[tuple[str, int]],
     eval_examples: Sequence[tuple[str, int]],
@@ -260,7 +251,7 @@ def train_classifier(
 
     def next_batch(generator: torch.Generator) -> Batch:
         picks = torch.randint(0, len(train_ids), (preset.batch_size,), generator=generator).tolist()
-        ids, mask = _pad_batch([train_ids[i] for i in picks], tokenizer.pad_token_id)
+        ids, mask = pad_right([train_ids[i] for i in picks], tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[picks]}
 
     summary: dict[str, Any] = {
@@ -273,7 +264,7 @@ def train_classifier(
     predictions = []
     with torch.no_grad():
         for start in range(0, len(eval_ids), 64):
-            ids, mask = _pad_batch(eval_ids[start : start + 64], tokenizer.pad_token_id)
+            ids, mask = pad_right(eval_ids[start : start + 64], tokenizer.pad_token_id)
             predictions.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1))
     accuracy = (torch.cat(predictions) == eval_labels).float().mean().item()
     majority_label, _ = Counter(train_labels.tolist()).most_common(1)[0]

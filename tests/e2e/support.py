@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,6 +15,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+
+from star_serve.bench.report import free_port as free_port  # re-exported for the e2e tests
 
 LM_NAME = "tiny-lm"
 CLF_NAME = "tiny-clf"
@@ -40,12 +41,6 @@ class Checkpoints:
 
 
 Launcher = Callable[..., "Server"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
