@@ -29,6 +29,10 @@ test: setup
 bench: setup
 	$(BIN)/star-serve bench serving --out bench-results
 
+.PHONY: bench-adaptation
+bench-adaptation: setup
+	$(BIN)/star-serve bench adaptation --out bench-results
+
 lint: setup
 	$(BIN)/ruff check star_serve tests
 	$(BIN)/ruff format --check star_serve tests

@@ -115,15 +115,45 @@ def cmd_serve(settings: Settings) -> None:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.serving import ServingBenchConfig, run_serving_bench
 
+    if args.name == "adaptation":
+        cmd_bench_adaptation(args, settings)
+        return
     if args.model is None:
         from .training.demo import ensure_demo_models
 
         args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
     config = ServingBenchConfig(
-        model_dir=args.model, out_dir=args.out, requests=args.requests, max_tokens=args.max_tokens, repeats=args.repeats
+        model_dir=args.model,
+        out_dir=args.out,
+        device=settings.device,
+        dtype=settings.dtype,
+        **_given(args, "requests", "max_tokens", "repeats"),
     )
     run_serving_bench(config)
     print((args.out / "serving.md").read_text())
+
+
+def cmd_bench_adaptation(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.adaptation import AdaptationBenchConfig, run_adaptation_bench
+
+    if args.model is None or args.classifier is None:
+        from .training.demo import ensure_demo_models
+
+        demo = ensure_demo_models(settings.cache_dir, settings.demo_preset)
+        args.model = args.model or demo.lm_dir
+        args.classifier = args.classifier or demo.classifier_dir
+    given = _given(args, "requests", "max_tokens", "repeats", "rounds", "passes", "tenants", "angles", "severities")
+    if args.tokens is not None:  # the adaptation slice is twice the evaluation slice
+        given |= {"eval_tokens": args.tokens, "adapt_tokens": 2 * args.tokens}
+    config = AdaptationBenchConfig(lm_dir=args.model, classifier_dir=args.classifier, out_dir=args.out, **given)
+    run_adaptation_bench(config)
+    print((args.out / "adaptation.md").read_text())
+
+
+def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options that were given on the command line (lists as tuples); the rest keep their defaults."""
+    values = {name: getattr(args, name) for name in names}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,12 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
-    bench.add_argument("name", choices=("serving",))
+    bench.add_argument("name", choices=("serving", "adaptation"))
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
-    bench.add_argument("--requests", type=int, default=32)
-    bench.add_argument("--max-tokens", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--requests", type=int, help="requests per run (default: serving 32, adaptation 128)")
+    bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64)")
+    bench.add_argument("--repeats", type=int, help="runs per configuration (default: 3)")
+    bench.add_argument("--device", help="where the models run (default: CUDA when present)")
+    bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")
+    adaptation = bench.add_argument_group(
+        "adaptation", "options of `bench adaptation` (defaults: a few minutes on CPU)"
+    )
+    adaptation.add_argument("--classifier", type=Path, help="classifier checkpoint (default: the demo classifier)")
+    adaptation.add_argument("--angles", type=float, nargs="+", metavar="DEG", help="rotation angles (default: 0-180)")
+    adaptation.add_argument("--tokens", type=int, help="rotation evaluation tokens; twice as many adapt (2048)")
+    adaptation.add_argument("--rounds", type=int, help="GHA steps per rotated tenant (default: 100)")
+    adaptation.add_argument("--severities", type=int, nargs="+", choices=range(1, 6), help="(default: 1 3 5)")
+    adaptation.add_argument("--passes", type=int, help="passes over each corrupted tenant's traffic (default: 2)")
+    adaptation.add_argument("--tenants", type=int, help="tenants of the throughput load (default: 32)")
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the demo models if needed, then generate and classify once"

@@ -49,9 +49,16 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
     )
-    adaptation: Literal["async", "off"] = Field("async", description="Per-tenant test-time subspace adaptation.")
+    adaptation: Literal["async", "sync", "off"] = Field(
+        "async",
+        description="Per-tenant test-time subspace adaptation: `async` by a background worker, `sync` before "
+        "routing each batch (STAR.md), or `off`.",
+    )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
     adaptation_min_tokens: int = Field(64, ge=1, description="Tokens of statistics that make one GHA step.")
+    adaptation_partitions: int = Field(
+        16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
+    )
     max_token_norm: float = Field(64.0, gt=0, description="Router inputs longer than this are clipped to it.")
     snapshot_keep: int = Field(10, ge=1, description="Versions of each tenant's bases kept for rollback.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")

@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .adaptation import AdaptationStats
 from .engine.types import EngineStats, StepStats
 
+LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -59,6 +61,13 @@ class ServingMetrics:
         )
         self.errors = Counter("star_errors", "Error responses by type.", ["type"], registry=r)
         self.engine_up = Gauge("star_engine_up", "1 while the model's engine loop is alive.", ["model"], registry=r)
+        self.adaptation_lag = Histogram(
+            "star_adaptation_lag_seconds",
+            "From a token being served to the commit of the version that folds in its statistics.",
+            ["model"],
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
 
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model, stats.phase).observe(stats.batch_size)
@@ -66,6 +75,46 @@ class ServingMetrics:
     def watch_engines(self, engines: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         """Reads running and waiting counts from the engines at scrape time."""
         self.registry.register(_EngineCollector(engines))
+
+    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, AdaptationStats]]]) -> None:
+        """Reads the adaptation counters from the adapters at scrape time."""
+        self.registry.register(_AdaptationCollector(adapters))
+
+
+class _AdaptationCollector(Collector):
+    def __init__(self, adapters: Callable[[], Iterable[tuple[str, AdaptationStats]]]) -> None:
+        self._adapters = adapters
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        steps = CounterMetricFamily("star_adaptation_steps", "GHA steps committed.", labels=["model"])
+        batches = CounterMetricFamily(
+            "star_adaptation_batches",
+            "Statistics batches: published by this replica; as owner applied, duplicate, stale, frozen or refused.",
+            labels=["model", "outcome"],
+        )
+        tokens = CounterMetricFamily(
+            "star_adaptation_tokens",
+            "Captured tokens: sampled, clipped (norm), rejected (non-finite), dropped (over budget).",
+            labels=["model", "outcome"],
+        )
+        writes = CounterMetricFamily(
+            "star_snapshot_writes",
+            "Snapshot commits: ok, conflict (lost the compare-and-set).",
+            labels=["model", "outcome"],
+        )
+        rollbacks = CounterMetricFamily("star_adaptation_rollbacks", "Rollbacks and resets.", labels=["model"])
+        store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
+        for name, stats in self._adapters():
+            steps.add_metric([name], stats.steps)
+            for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused"):
+                batches.add_metric([name, outcome], stats.batches[outcome])
+            for outcome in ("sampled", "clipped", "rejected", "dropped"):
+                tokens.add_metric([name, outcome], getattr(stats.captured, outcome))
+            writes.add_metric([name, "ok"], stats.steps + stats.rollbacks)
+            writes.add_metric([name, "conflict"], stats.commits_lost)
+            rollbacks.add_metric([name], stats.rollbacks)
+            store_errors.add_metric([name], stats.store_errors)
+        yield from (steps, batches, tokens, writes, rollbacks, store_errors)
 
 
 class _EngineCollector(Collector):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +18,13 @@ import torch
 
 @dataclass(frozen=True)
 class BankView:
-    """What one forward needs: the stacked bases (T, L, E, D), each sequence's row (B,) and versions."""
+    """What one forward needs: the stacked bases (T, L, E, D), each sequence's index into them (B,) and
+    versions, and each sequence's row of the whole bank (0: the trained bases)."""
 
     bank: torch.Tensor | None
     index: torch.Tensor | None
     versions: list[int]
+    rows: list[int]
 
 
 class TenantBank:
@@ -36,6 +38,7 @@ class TenantBank:
         self._rows: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (row, version), LRU order
         self._free: list[int] = []
         self._pending: dict[str, tuple[torch.Tensor | None, int]] = {}
+        self._relabels: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def publish(self, tenant: str, bases: torch.Tensor | None, version: int) -> None:
@@ -48,6 +51,12 @@ class TenantBank:
         with self._lock:
             self._pending[tenant] = (None if bases is None else bases.detach().to("cpu", copy=True), version)
 
+    def relabel(self, tenant: str, version: int) -> None:
+        """Names the tenant's current row `version`, leaving its bases as they are: a sync-mode commit of
+        bases that the routers moved in place. Safe from any thread."""
+        with self._lock:
+            self._relabels[tenant] = version
+
     def version(self, tenant: str) -> int:
         with self._lock:
             if tenant in self._pending:
@@ -58,11 +67,24 @@ class TenantBank:
         """How many tenants have their own row on the device."""
         return len(self._rows)
 
-    def lookup(self, tenants: Sequence[str]) -> BankView:
-        """The bank and per-sequence rows for a batch whose sequences belong to `tenants`. Engine thread only."""
+    def row(self, tenant: str) -> torch.Tensor | None:
+        """The tenant's own row (L, E, D) on the device, None when it routes with the trained bases. Engine
+        thread only."""
+        if self._stack is None or tenant not in self._rows:
+            return None
+        return self._stack[self._rows[tenant][0]]
+
+    def lookup(self, tenants: Sequence[str], own: Collection[str] = ()) -> BankView:
+        """The bank and per-sequence rows for a batch whose sequences belong to `tenants`; those in `own`
+        get a row of their own (a copy of the trained bases) if they have none. Engine thread only."""
         if self._stack is None:
-            return BankView(None, None, [0] * len(tenants))
+            return BankView(None, None, [0] * len(tenants), [0] * len(tenants))
         self._apply_pending()
+        for tenant in own:
+            if tenant not in self._rows:
+                row = self._allocate()
+                self._stack[row] = self._stack[0]
+                self._rows[tenant] = (row, 0)
         rows, versions = [], []
         for tenant in tenants:
             row, version = self._rows.get(tenant, (0, 0))
@@ -72,13 +94,14 @@ class TenantBank:
             versions.append(version)
         if len(set(rows)) == 1:  # one tenant's batch: a single row lets the routers skip the per-sequence path
             index = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            return BankView(self._stack[rows[0] : rows[0] + 1], index, versions)
+            return BankView(self._stack[rows[0] : rows[0] + 1], index, versions, rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return BankView(self._stack[: self._used], index, versions)
+        return BankView(self._stack[: self._used], index, versions, rows)
 
     def _apply_pending(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+            relabels, self._relabels = self._relabels, {}
         assert self._stack is not None
         for tenant, (bases, version) in pending.items():
             if bases is None:
@@ -89,6 +112,9 @@ class TenantBank:
             row = self._rows[tenant][0] if tenant in self._rows else self._allocate()
             self._stack[row] = bases.to(self._stack.device, self._stack.dtype)
             self._rows[tenant] = (row, version)
+        for tenant, version in relabels.items():
+            if tenant in self._rows and version > self._rows[tenant][1]:
+                self._rows[tenant] = (self._rows[tenant][0], version)
 
     def _allocate(self) -> int:
         assert self._stack is not None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.gha import gha_step, orthogonality_defect, projection_distance
+from ..model.gha import GhaStatistics, gha_step, orthogonality_defect, projection_distance
 from .capture import LayerStatistics
 
 
@@ -43,6 +43,45 @@ class StepReport:
         return any(self.applied)
 
 
+@dataclass(frozen=True)
+class LayerStep:
+    basis: torch.Tensor  # (E, D) float32: the proposal if applied, else the current basis
+    applied: bool
+    step_norm: float
+    distance: float
+    defect: float
+    reason: str  # why it was refused; empty when applied
+
+
+def guarded_layer_step(
+    trained: torch.Tensor,  # (E, D)
+    current: torch.Tensor,  # (E, D): the basis the statistics were taken against
+    stats: GhaStatistics,
+    lr: float,
+    guard: Guardrails,
+) -> LayerStep:
+    """One layer's GHA step, capped in size; refused (the basis kept) when it breaks a guardrail."""
+    current = current.float()
+    proposed = gha_step(current, stats.s1, stats.s2, stats.n, lr)
+    change = proposed - current
+    norm = float(change.norm())
+    if norm > guard.max_step:  # cap the step: move towards the proposal by at most max_step
+        proposed = current + change * (guard.max_step / norm)
+        proposed = proposed / proposed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    distance = projection_distance(proposed, trained)
+    defect = orthogonality_defect(proposed)
+    allowed_defect = orthogonality_defect(trained) + guard.orthogonality_tolerance
+    reason = ""
+    if not torch.isfinite(proposed).all():
+        reason = "non-finite basis"
+    elif distance > guard.max_distance:
+        reason = f"distance {distance:.3f} from the trained basis over {guard.max_distance}"
+    elif defect > allowed_defect:
+        reason = f"orthogonality defect {defect:.3f} over {allowed_defect:.3f}"
+    applied = not reason and stats.n > 0
+    return LayerStep(proposed if applied else current, applied, min(norm, guard.max_step), distance, defect, reason)
+
+
 def guarded_step(
     trained: torch.Tensor,  # (L, E, D)
     current: torch.Tensor,  # (L, E, D): the version the statistics were taken against
@@ -54,29 +93,13 @@ def guarded_step(
     report = StepReport()
     layers = []
     for trained_l, current_l, s in zip(trained, current, stats.layers, strict=True):
-        proposed = gha_step(current_l, s.s1, s.s2, s.n, lr)
-        change = proposed - current_l.float()
-        norm = float(change.norm())
-        if norm > guard.max_step:  # cap the step: move towards the proposal by at most max_step
-            proposed = current_l.float() + change * (guard.max_step / norm)
-            proposed = proposed / proposed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        distance = projection_distance(proposed, trained_l)
-        defect = orthogonality_defect(proposed)
-        allowed_defect = orthogonality_defect(trained_l) + guard.orthogonality_tolerance
-        reason = ""
-        if not torch.isfinite(proposed).all():
-            reason = "non-finite basis"
-        elif distance > guard.max_distance:
-            reason = f"distance {distance:.3f} from the trained basis over {guard.max_distance}"
-        elif defect > allowed_defect:
-            reason = f"orthogonality defect {defect:.3f} over {allowed_defect:.3f}"
-        ok = not reason and s.n > 0
-        layers.append(proposed if ok else current_l.float())
-        report.applied.append(ok)
-        report.step_norms.append(min(norm, guard.max_step))
-        report.distances.append(distance)
-        report.defects.append(defect)
-        report.reasons.append(reason)
+        step = guarded_layer_step(trained_l, current_l, s, lr, guard)
+        layers.append(step.basis)
+        report.applied.append(step.applied)
+        report.step_norms.append(step.step_norm)
+        report.distances.append(step.distance)
+        report.defects.append(step.defect)
+        report.reasons.append(step.reason)
     return torch.stack(layers), report
 
 

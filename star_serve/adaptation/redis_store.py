@@ -5,21 +5,29 @@ Keys, for model M and tenant T (`{M}:{T}` is one hash slot):
     star:{M}:{T}:version           the latest committed version
     star:{M}:{T}:snapshot:<v>      the snapshot's bytes (safetensors with a checksum)
     star:{M}:{T}:versions          sorted set of the versions kept
+    star:{M}:{T}:applied           sorted set: ids of the statistics batches each version applied
+    star:{M}:{T}:settings          hash: the tenant's frozen flag and learning rate
     star:{M}:announce              channel: "<tenant> <version>" after each commit
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from .store import Snapshot
 
 _COMMIT = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current ~= tonumber(ARGV[1]) then return 0 end
+for i = 8, #ARGV do
+    if redis.call('ZSCORE', KEYS[3], ARGV[i]) then return 0 end
+end
 local version = ARGV[2]
+for i = 8, #ARGV do redis.call('ZADD', KEYS[3], version, ARGV[i]) end
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -65537)
 redis.call('SET', ARGV[5] .. version, ARGV[3])
 redis.call('SET', KEYS[1], version)
 redis.call('ZADD', KEYS[2], version, version)
@@ -52,12 +60,12 @@ class RedisSnapshotStore:
     def channel(model: str) -> str:
         return f"star:{model}:announce"
 
-    async def commit(self, snapshot: Snapshot, expected: int) -> bool:
+    async def commit(self, snapshot: Snapshot, expected: int, applied: Sequence[str] = ()) -> bool:
         if snapshot.version <= expected:
             return False
         prefix = self._prefix(snapshot.model, snapshot.tenant)
         done = await self._commit(
-            keys=[prefix + "version", prefix + "versions"],
+            keys=[prefix + "version", prefix + "versions", prefix + "applied"],
             args=[
                 expected,
                 snapshot.version,
@@ -66,9 +74,24 @@ class RedisSnapshotStore:
                 prefix + "snapshot:",
                 self.channel(snapshot.model),
                 snapshot.tenant,
+                *applied,
             ],
         )
         return bool(done)
+
+    async def applied(self, model: str, tenant: str, ids: Sequence[str]) -> set[str]:
+        if not ids:
+            return set()
+        scores = await self.redis.zmscore(self._prefix(model, tenant) + "applied", list(ids))
+        return {i for i, score in zip(ids, scores, strict=True) if score is not None}
+
+    async def settings(self, model: str, tenant: str) -> dict[str, str]:
+        stored = await self.redis.hgetall(self._prefix(model, tenant) + "settings")
+        return {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in stored.items()}
+
+    async def configure(self, model: str, tenant: str, settings: dict[str, str]) -> None:
+        mapping: dict[FieldT, EncodableT] = {k: v for k, v in settings.items()}
+        await self.redis.hset(self._prefix(model, tenant) + "settings", mapping=mapping)
 
     async def latest(self, model: str, tenant: str) -> Snapshot | None:
         version = await self.redis.get(self._prefix(model, tenant) + "version")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -76,9 +77,20 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 class SnapshotStore(Protocol):
-    async def commit(self, snapshot: Snapshot, expected: int) -> bool:
-        """Stores `snapshot` if the latest stored version is `expected` (0: none yet); False otherwise."""
+    async def commit(self, snapshot: Snapshot, expected: int, applied: Sequence[str] = ()) -> bool:
+        """Stores `snapshot` if the latest stored version is `expected` (0: none yet) and none of the
+        statistics batches `applied` was applied before, recording them with it; False otherwise."""
         ...
+
+    async def applied(self, model: str, tenant: str, ids: Sequence[str]) -> set[str]:
+        """Those of `ids` that a committed version has applied."""
+        ...
+
+    async def settings(self, model: str, tenant: str) -> dict[str, str]:
+        """The tenant's stored settings (frozen, learning_rate); empty when none were set."""
+        ...
+
+    async def configure(self, model: str, tenant: str, settings: dict[str, str]) -> None: ...
 
     async def latest(self, model: str, tenant: str) -> Snapshot | None: ...
 
@@ -138,8 +150,30 @@ class LocalDirStore:
         data = (directory / f"{version:010d}.safetensors").read_bytes()
         return Snapshot.from_bytes(model, tenant, data)
 
-    async def commit(self, snapshot: Snapshot, expected: int) -> bool:
+    async def commit(self, snapshot: Snapshot, expected: int, applied: Sequence[str] = ()) -> bool:
+        # The in-process bus delivers each batch once, so there are no repeated ids to refuse here.
         return await asyncio.to_thread(self._commit, snapshot, expected)
+
+    async def applied(self, model: str, tenant: str, ids: Sequence[str]) -> set[str]:
+        return set()
+
+    def _settings(self, model: str, tenant: str) -> dict[str, str]:
+        path = self._dir(model, tenant) / "settings.json"
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    def _configure(self, model: str, tenant: str, settings: dict[str, str]) -> None:
+        directory = self._dir(model, tenant)
+        directory.mkdir(parents=True, exist_ok=True)
+        merged = {**self._settings(model, tenant), **settings}
+        tmp = directory / f".settings.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(merged, sort_keys=True))
+        os.replace(tmp, directory / "settings.json")
+
+    async def settings(self, model: str, tenant: str) -> dict[str, str]:
+        return await asyncio.to_thread(self._settings, model, tenant)
+
+    async def configure(self, model: str, tenant: str, settings: dict[str, str]) -> None:
+        await asyncio.to_thread(self._configure, model, tenant, settings)
 
     async def latest(self, model: str, tenant: str) -> Snapshot | None:
         return await asyncio.to_thread(self._load, model, tenant, None)

@@ -1,28 +1,43 @@
 """The adapter of one served model: from a tenant's tokens to a new committed version of its bases.
 
-    engine thread                      event loop (worker task)
-    observe(tenant, version, inputs) ─► pending statistics ─► guarded GHA step ─► store.commit (CAS)
-                                                                                 └► bank.publish
+    engine thread                         event loop
+    observe(tenant, version, inputs) ─► pending ─► bus.publish ┄┄► owner: bus.receive ─► guarded GHA step
+                                                                   ─► store.commit (CAS + batch ids)
+                                                                   ─► bus.ack, bank.publish, announce
 
-Statistics are taken against the version that served the tokens; statistics of an older version than
-the tenant's current one are stale and dropped (counted), so a step is always exact for its basis.
+Every replica captures its own traffic; the bus (in-process, or Redis Streams across replicas) brings each
+tenant's statistics batches to the single replica that owns the tenant's updates. Statistics are taken
+against the version that served the tokens. The owner folds batches of the current version exactly; a
+batch a few versions behind (a replica that had not yet heard of the latest commit) is folded into the
+current basis as an asynchronous-SGD step would be, and one more than `max_staleness` versions behind is
+dropped and counted.
+
+In `sync` mode (STAR.md's paper-faithful variant) the routers update the tenant's bank row with each
+batch's own tokens before routing it (`sync_update`), and the worker only commits the row periodically.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import threading
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from ..model.gha import orthogonality_defect, projection_distance
-from .bank import TenantBank
+from .bank import BankView, TenantBank
+from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
 from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
 from .guardrails import Guardrails, guarded_step, load_entropy
 from .store import Snapshot, SnapshotStore
+from .sync import SyncTenant, SyncUpdate
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +48,10 @@ class CommitConflict(Exception):
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    mode: Literal["async", "off"] = "async"
+    mode: Literal["async", "sync", "off"] = "async"
     learning_rate: float = 0.05  # default test-time learning rate of a tenant
-    min_tokens: int = 64  # statistics of at least this many tokens make a step
+    min_tokens: int = 64  # statistics of at least this many tokens make a batch (and a step)
+    max_staleness: int = 4  # versions: batches taken against an older basis are dropped, not applied
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
     poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
@@ -49,20 +65,27 @@ class TenantState:
     frozen: bool = False
     tokens_seen: int = 0
     updated: float | None = None
-    pending: LayerStatistics | None = None
-    load: torch.Tensor | None = None  # (L, E) tokens per expert since the last commit
-    loaded: bool = False  # the store has been asked for this tenant's latest version
+    pending: LayerStatistics | None = None  # captured here, not yet published
+    load: torch.Tensor | None = None  # (L, E) tokens per expert since the last publication
+    first_seen: float | None = None  # wall-clock time of the oldest pending token
+    loaded: bool = False  # the store has been asked for this tenant's latest version and settings
+    synced_tokens: int = 0  # sync mode: tokens that moved the tenant's bank row since the last commit
+    sync_bases: torch.Tensor | None = None  # sync mode: a copy of the row, to commit
 
 
 @dataclass
 class AdaptationStats:
     steps: int = 0
     rejected_steps: int = 0
-    stale: int = 0
+    stale: int = 0  # captures taken against a version replaced in the meantime
     commits_lost: int = 0  # compare-and-set lost to another writer
     store_errors: int = 0
     rollbacks: int = 0
     captured: CaptureCounts = field(default_factory=CaptureCounts)
+    # Statistics batches: "published" here; as their owner, "applied", "duplicate" (applied before),
+    # "stale" (too old a basis), "frozen", "refused" (a step the guardrails refused, or a rollback).
+    batches: Counter[str] = field(default_factory=Counter)
+    lags: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # oldest token -> commit, seconds
 
 
 class Adapter:
@@ -73,62 +96,276 @@ class Adapter:
         bank: TenantBank,
         store: SnapshotStore,
         config: AdaptationConfig,
+        bus: StatisticsBus | None = None,
     ) -> None:
         self.model, self.bank, self.store, self.config = model, bank, store, config
+        self.bus: StatisticsBus = bus or LocalBus()
         self.trained = trained.detach().float().cpu()
         self.tenants: dict[str, TenantState] = {}
         self.stats = AdaptationStats()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards `tenants` and `stats` between the engine thread and the loop
+        self._steps: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one writer per tenant here
         self._wakeup = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Future[None]] = []
         self.store_ok = True  # the last store operation succeeded
+        self.on_commit: Callable[[float], None] | None = None  # called with each applied batch's lag
+
+    def _state(self, tenant: str) -> TenantState:
+        return self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
 
     # -- engine thread -----------------------------------------------------------------------------
 
-    def observe(
-        self, tenant: str, version: int, bases: torch.Tensor, inputs: list[torch.Tensor], load: torch.Tensor
-    ) -> None:
-        """Takes one forward's tokens of `tenant`: `inputs` L x (n, D) routed with `bases` (L, E, D) of
-        `version`; `load` (L, E) counts their tokens per expert."""
-        if self.config.mode == "off":
-            return
+    def accepts(self, tenant: str, version: int) -> bool:
+        """Whether tokens of `tenant` served with its basis `version` would count: not when the tenant is
+        frozen, nor when a newer version has replaced that basis (counted as stale)."""
+        if self.config.mode != "async":
+            return False
         with self._lock:
-            state = self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
-            state.load = load.cpu() if state.load is None else state.load + load.cpu()
+            state = self._state(tenant)
             if version != state.version:
                 self.stats.stale += 1
                 if state.bases is not None and version == 0:  # evicted from the bank: bring it back
                     self.bank.publish(tenant, state.bases, state.version)
-                return
-            if state.frozen:
-                return
-        stats = capture(bases, inputs, version, self.config.capture)  # only for tokens that will count
+                return False
+            return not state.frozen
+
+    def take(self, tenant: str, stats: LayerStatistics, load: torch.Tensor) -> None:
+        """Takes the statistics of one forward's tokens of `tenant`, whose `load` (L, E) counts them per expert."""
         with self._lock:
+            state = self._state(tenant)
             self.stats.captured += stats.counts
-            if version != state.version:  # a commit landed while capturing
-                self.stats.stale += 1
+            if stats.version != state.version or state.frozen:  # a commit or a freeze landed meanwhile
+                self.stats.stale += stats.version != state.version
                 return
-            if state.pending is not None and state.pending.version != version:  # taken against a replaced basis
+            if state.pending is not None and state.pending.version != stats.version:  # of a replaced basis
                 self.stats.stale += 1
-                state.pending = None
+                state.pending, state.load, state.first_seen = None, None, None
             state.pending = stats if state.pending is None else state.pending + stats
+            state.load = load.cpu() if state.load is None else state.load + load.cpu()
+            state.first_seen = state.first_seen or time.time()
             ready = state.pending.tokens >= self.config.min_tokens or not state.loaded
         if ready and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    def observe(
+        self, tenant: str, version: int, bases: torch.Tensor, inputs: list[torch.Tensor], load: torch.Tensor
+    ) -> None:
+        """Takes one tenant's tokens: `inputs` L x (n, D) routed with `bases` (L, E, D) of `version`; `load`
+        (L, E) counts them per expert. The engine captures a whole forward's tenants at once instead."""
+        if self.accepts(tenant, version):
+            self.take(tenant, capture(bases, inputs, version, self.config.capture), load)
+
+    # -- engine thread, sync mode ------------------------------------------------------------------
+
+    @property
+    def syncing(self) -> bool:
+        return self.config.mode == "sync"
+
+    def adapting(self, tenants: list[str]) -> list[str]:
+        """Those of `tenants` whose bases the coming forward will update (sync mode): each needs a bank row."""
+        with self._lock:
+            return [t for t in dict.fromkeys(tenants) if not self._state(t).frozen]
+
+    def sync_update(self, view: BankView, tenants: list[str], lengths: list[int]) -> SyncUpdate | None:
+        """The routers' in-place update of one forward, for the batch's tenants that have a row of their own."""
+        if view.bank is None or view.index is None or self.bank.trained is None:
+            return None
+        adapting: dict[str, SyncTenant] = {}
+        candidates = self.adapting(tenants)
+        with self._lock:
+            for tenant in candidates:
+                first = tenants.index(tenant)
+                if view.rows[first] == 0:  # never write the trained row
+                    continue
+                sequences = torch.tensor([t == tenant for t in tenants])
+                position = int(view.index[first])
+                adapting[tenant] = SyncTenant(position, sequences, self.tenants[tenant].learning_rate)
+        if not adapting:
+            return None
+        return SyncUpdate(view, adapting, lengths, self.bank.trained, self.config.capture, self.config.guard)
+
+    def synced(self, update: SyncUpdate | None, tenant: str, version: int, tokens: int, load: torch.Tensor) -> None:
+        """After a sync-mode forward: `tokens` of the tenant's tokens moved its row, routed with `load` (L, E).
+        Once enough have, a copy of the row is handed to the worker to commit."""
+        with self._lock:
+            state = self._state(tenant)
+            if update is not None and tenant == next(iter(update.tenants), None):  # once per forward
+                self.stats.captured += update.counts
+                self.stats.rejected_steps += sum(update.refused.values())
+            if version != state.version and version == 0 and state.bases is not None:
+                self.bank.publish(tenant, state.bases, state.version)  # evicted from the bank: bring it back
+                return
+            if state.frozen or update is None or tenant not in update.tenants:
+                return
+            state.synced_tokens += tokens
+            state.load = load.cpu() if state.load is None else state.load + load.cpu()
+            state.first_seen = state.first_seen or time.time()
+            if state.synced_tokens < self.config.min_tokens and state.loaded:
+                return
+            row = self.bank.row(tenant)
+            if row is None:
+                return
+            state.sync_bases = row.detach().float().cpu().clone()  # between forwards: no half-written row
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     # -- event loop --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._tasks = [asyncio.ensure_future(self._run()), asyncio.ensure_future(self._poll())]
+        self._tasks = [asyncio.ensure_future(t) for t in (self._publish_due(), self._own(), self._poll())]
         if hasattr(self.store, "announcements"):
             self._tasks.append(asyncio.ensure_future(self._follow()))
 
     async def stop(self) -> None:
+        """Publishes what is pending (best effort), stops the tasks and gives up ownership."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        with self._lock:
+            tenants = [t for t, s in self.tenants.items() if s.pending is not None and s.loaded]
+        try:
+            for tenant in tenants:
+                await self._publish(tenant)
+            await self.bus.close()
+        except Exception:
+            log.warning("could not hand over pending statistics of %s on shutdown", self.model, exc_info=True)
+
+    def _take(self, tenant: str) -> StatisticsBatch | None:
+        """The tenant's pending statistics as one batch, removed from pending. Under `_lock`."""
+        state = self.tenants[tenant]
+        if state.pending is None or state.pending.tokens == 0:
+            return None
+        assert state.load is not None and state.first_seen is not None
+        batch = StatisticsBatch(tenant, state.pending, state.load, state.first_seen)
+        state.pending, state.load, state.first_seen = None, None, None
+        return batch
+
+    def _put_back(self, batch: StatisticsBatch) -> None:
+        """Returns an unpublished batch to pending (statistics add up, so this stays bounded). Under `_lock`."""
+        state = self.tenants[batch.tenant]
+        if batch.version != state.version or (state.pending is not None and state.pending.version != batch.version):
+            self.stats.stale += 1
+            return
+        state.pending = batch.stats if state.pending is None else batch.stats + state.pending
+        state.load = batch.load if state.load is None else batch.load + state.load
+        state.first_seen = min(batch.first_seen, state.first_seen or batch.first_seen)
+
+    async def _publish(self, tenant: str) -> None:
+        with self._lock:
+            batch = self._take(tenant)
+        if batch is None:
+            return
+        try:
+            await self.bus.publish(batch)
+            self.stats.batches["published"] += 1
+        except Exception:
+            with self._lock:
+                self._put_back(batch)
+            raise
+
+    async def _publish_due(self) -> None:
+        """Sends each tenant's statistics to the bus once they make a batch; loads first-seen tenants."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            with self._lock:
+                due = [t for t, s in self.tenants.items() if self._due(s)]
+            for tenant in due:
+                try:
+                    await self.ensure_loaded(tenant)
+                    if self.syncing:
+                        await self._commit_synced(tenant)
+                    else:
+                        await self._publish(tenant)
+                    self.store_ok = True
+                except Exception:
+                    self._store_failed(f"publishing statistics of {tenant}")
+            if not self.store_ok:  # retry once the store is back, without spinning
+                await asyncio.sleep(self.config.poll_interval)
+                self._wakeup.set()
+
+    def _due(self, state: TenantState) -> bool:
+        if not state.loaded:
+            return True
+        if self.syncing:
+            return state.sync_bases is not None
+        return state.pending is not None and state.pending.tokens >= self.config.min_tokens
+
+    async def _commit_synced(self, tenant: str) -> bool:
+        """Sync mode: commits the copy of the tenant's row that the engine handed over; True when committed."""
+        async with self._steps[tenant]:
+            state = await self.ensure_loaded(tenant)
+            with self._lock:
+                bases, state.sync_bases = state.sync_bases, None
+                load, state.load = state.load, None
+                first_seen, state.first_seen = state.first_seen, None
+                tokens, state.synced_tokens = state.synced_tokens, 0
+                version = state.version
+            if bases is None or tokens == 0:
+                return False
+            if load is not None and min(load_entropy(row) for row in load) < self.config.guard.entropy_floor:
+                with contextlib.suppress(CommitConflict):
+                    await self._rollback(tenant, state, None)
+                return False
+            snapshot = Snapshot(self.model, tenant, version + 1, bases, meta={"mode": "sync"})
+            try:
+                committed = await self.store.commit(snapshot, expected=version)
+            except Exception:
+                with self._lock:  # the row keeps its updates; the next forward hands over a fresh copy
+                    state.synced_tokens += tokens
+                raise
+            if not committed:
+                self.stats.commits_lost += 1
+                with self._lock:
+                    state.loaded = False
+                return False
+            lag = time.time() - (first_seen or time.time())
+            with self._lock:
+                self._adopt(tenant, state, snapshot, tokens=tokens, publish=False)
+                self.bank.relabel(tenant, snapshot.version)  # the row already holds these bases, and more
+                self.stats.steps += 1
+                self.stats.lags.append(lag)
+            if self.on_commit is not None:
+                self.on_commit(lag)
+            return True
+
+    async def _own(self) -> None:
+        """As the owner of some tenants' updates: receives their batches, applies them, acknowledges them.
+        What could not be applied (the store down, a lost race) is kept and tried again."""
+        retry: dict[str, Delivery] = {}
+        renewed = -math.inf
+        while True:
+            try:
+                if time.monotonic() - renewed >= self.config.poll_interval:
+                    retry.update((d.batch.id, d) for d in await self.bus.maintain())
+                    renewed = time.monotonic()
+                timeout = 0.0 if retry else self.config.poll_interval
+                retry.update((d.batch.id, d) for d in await self.bus.receive(timeout))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._store_failed("receiving statistics")
+                await asyncio.sleep(self.config.poll_interval)
+                continue
+            by_tenant: dict[str, list[Delivery]] = {}
+            for d in retry.values():
+                by_tenant.setdefault(d.batch.tenant, []).append(d)
+            retry = {}
+            for tenant, deliveries in by_tenant.items():
+                try:
+                    handled, _ = await self.apply(tenant, [d.batch for d in deliveries])
+                    done = [d for d in deliveries if d.batch.id in handled]
+                    await self.bus.ack(done)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._store_failed(f"applying statistics of {tenant}")
+                    done = []
+                retry.update((d.batch.id, d) for d in deliveries if d not in done)
+            if retry:
+                await asyncio.sleep(self.config.poll_interval if not self.store_ok else 0.05)
 
     async def _follow(self) -> None:
         """Adopts versions that other replicas commit, as their announcements arrive."""
@@ -144,7 +381,8 @@ class Adapter:
                 await asyncio.sleep(self.config.poll_interval)
 
     async def _poll(self) -> None:
-        """Confirms by polling what announcements may have missed (a dropped connection, a restart)."""
+        """Confirms by polling what announcements may have missed (a dropped connection, a restart), and
+        picks up settings changed through other replicas."""
         while True:
             await asyncio.sleep(self.config.poll_interval)
             if not await self.store.ping():
@@ -156,6 +394,7 @@ class Adapter:
             for tenant in tenants:
                 try:
                     versions = await self.store.versions(self.model, tenant)
+                    self._configured(self.tenants[tenant], await self.store.settings(self.model, tenant))
                     self.store_ok = True
                 except Exception:
                     self._store_failed("polling versions")
@@ -181,36 +420,29 @@ class Adapter:
         self.store_ok = False
         self.stats.store_errors += 1
 
-    async def _run(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            with self._lock:
-                due = [t for t, s in self.tenants.items() if self._due(s)]
-            for tenant in due:
-                try:
-                    await self.step(tenant)
-                except Exception:
-                    log.exception("adaptation step of %s/%s failed", self.model, tenant)
-            if not self.store_ok:  # retry pending commits once the store is back, without spinning
-                await asyncio.sleep(self.config.poll_interval)
-                self._wakeup.set()
-
-    def _due(self, state: TenantState) -> bool:
-        return not state.loaded or (state.pending is not None and state.pending.tokens >= self.config.min_tokens)
+    def _configured(self, state: TenantState, settings: dict[str, str]) -> None:
+        with self._lock:
+            if "frozen" in settings:
+                state.frozen = settings["frozen"] == "true"
+                if state.frozen:
+                    state.pending, state.load, state.first_seen = None, None, None
+            if "learning_rate" in settings:
+                state.learning_rate = float(settings["learning_rate"])
 
     async def ensure_loaded(self, tenant: str) -> TenantState:
-        """The tenant's state, with its latest committed version loaded from the store on first use."""
+        """The tenant's state, with its latest committed version and its settings loaded on first use."""
         with self._lock:
-            state = self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
+            state = self._state(tenant)
             if state.loaded:
                 return state
         try:
             snapshot = await self.store.latest(self.model, tenant)
+            settings = await self.store.settings(self.model, tenant)
             self.store_ok = True
         except Exception:  # keep serving what is cached; the next request or the worker tries again
             self._store_failed(f"loading {tenant}")
             return state
+        self._configured(state, settings)
         with self._lock:
             if not state.loaded and snapshot is not None and snapshot.version > state.version:
                 self._adopt(tenant, state, snapshot)
@@ -218,50 +450,95 @@ class Adapter:
         return state
 
     async def step(self, tenant: str) -> bool:
-        """Folds the tenant's pending statistics into a new version; True when one was committed."""
-        state = await self.ensure_loaded(tenant)
+        """Folds the tenant's pending statistics into a new version here and now, bypassing the bus;
+        True when one was committed."""
+        await self.ensure_loaded(tenant)
         with self._lock:
-            stats, state.pending = state.pending, None
-            load, state.load = state.load, None
-            current = self.trained if state.bases is None else state.bases
-            version, lr = state.version, state.learning_rate
-        if stats is None or stats.version != version or stats.tokens == 0:
+            batch = self._take(tenant)
+        if batch is None:
             return False
-        if load is not None and min(load_entropy(row) for row in load) < self.config.guard.entropy_floor:
-            await self.rollback(tenant, None)
-            return False
-        new, report = guarded_step(self.trained, current, stats, lr, self.config.guard)
-        if not report.any_applied:
-            self.stats.rejected_steps += 1
-            return False
-        snapshot = Snapshot(self.model, tenant, version + 1, new, meta={"learning_rate": repr(lr)})
-        try:
-            committed = await self.store.commit(snapshot, expected=version)
-            self.store_ok = True
-        except Exception:
-            self._store_failed(f"committing {tenant} v{version + 1}")
-            with self._lock:  # keep the statistics (bounded: they add up) for when the store is back
-                if state.pending is None or state.pending.version != version:
-                    state.pending = stats
-                else:
-                    state.pending = stats + state.pending
-            return False
-        if not committed:
-            self.stats.commits_lost += 1
-            with self._lock:
-                state.loaded = False  # another writer moved ahead: reload before the next step
-            return False
-        with self._lock:
-            self._adopt(tenant, state, snapshot, tokens=stats.tokens)
-        self.stats.steps += 1
-        return True
+        self.stats.batches["published"] += 1
+        _, committed = await self.apply(tenant, [batch])
+        return committed
 
-    def _adopt(self, tenant: str, state: TenantState, snapshot: Snapshot, tokens: int = 0) -> None:
+    async def flush(self) -> None:
+        """Folds every tenant's statistics observed so far into committed versions (or refused steps)."""
+        with self._lock:
+            tenants = [t for t, s in self.tenants.items() if s.pending is not None or s.sync_bases is not None]
+        for tenant in tenants:
+            await (self._commit_synced(tenant) if self.syncing else self.step(tenant))
+
+    async def apply(self, tenant: str, batches: list[StatisticsBatch]) -> tuple[set[str], bool]:
+        """As the tenant's owner, folds `batches` into one guarded step and commits it together with their
+        ids. Returns the ids handled (applied, or dropped for a reason that will not change) and whether
+        a version was committed; a batch not handled is to be tried again."""
+        async with self._steps[tenant]:
+            state = await self.ensure_loaded(tenant)
+            if not state.loaded:
+                return set(), False
+            if any(b.version > state.version for b in batches):  # another owner was ahead of this one
+                versions = await self.store.versions(self.model, tenant)
+                if versions:
+                    await self._refresh(tenant, versions[-1])
+            ids = [b.id for b in batches]
+            handled = await self.store.applied(self.model, tenant, ids)
+            self.stats.batches["duplicate"] += len(handled)
+            todo = [b for b in batches if b.id not in handled]
+            self._configured(state, await self.store.settings(self.model, tenant))
+            with self._lock:
+                current = self.trained if state.bases is None else state.bases
+                version, lr, frozen = state.version, state.learning_rate, state.frozen
+            fresh = [b for b in todo if version - self.config.max_staleness <= b.version <= version]
+            dropped = [b for b in todo if b not in fresh]
+            self.stats.batches["stale"] += sum(b.version < version for b in dropped)
+            handled |= {b.id for b in dropped if b.version < version}
+            if not fresh:
+                return handled, False
+            if frozen:
+                self.stats.batches["frozen"] += len(fresh)
+                return handled | {b.id for b in fresh}, False
+            stats = _combined(version, fresh)
+            load = torch.stack([b.load for b in fresh]).sum(0)
+            if min(load_entropy(row) for row in load) < self.config.guard.entropy_floor:
+                try:
+                    await self._rollback(tenant, state, None)
+                except CommitConflict:
+                    with self._lock:
+                        state.loaded = False
+                    return handled, False
+                self.stats.batches["refused"] += len(fresh)
+                return handled | {b.id for b in fresh}, False
+            new, report = guarded_step(self.trained, current, stats, lr, self.config.guard)
+            if not report.any_applied:
+                self.stats.rejected_steps += 1
+                self.stats.batches["refused"] += len(fresh)
+                return handled | {b.id for b in fresh}, False
+            snapshot = Snapshot(self.model, tenant, version + 1, new, meta={"learning_rate": repr(lr)})
+            if not await self.store.commit(snapshot, expected=version, applied=[b.id for b in fresh]):
+                self.stats.commits_lost += 1
+                with self._lock:
+                    state.loaded = False  # another writer moved ahead: reload before trying again
+                return handled, False
+            now = time.time()
+            with self._lock:
+                self._adopt(tenant, state, snapshot, tokens=stats.tokens)
+                self.stats.steps += 1
+                self.stats.batches["applied"] += len(fresh)
+                self.stats.lags.extend(now - b.first_seen for b in fresh)
+            if self.on_commit is not None:
+                for b in fresh:
+                    self.on_commit(now - b.first_seen)
+            return handled | {b.id for b in fresh}, True
+
+    def _adopt(
+        self, tenant: str, state: TenantState, snapshot: Snapshot, tokens: int = 0, publish: bool = True
+    ) -> None:
         state.version, state.bases, state.updated = snapshot.version, snapshot.bases, snapshot.created
         state.tokens_seen += tokens
         if state.pending is not None and state.pending.version != snapshot.version:
-            state.pending = None
-        self.bank.publish(tenant, snapshot.bases, snapshot.version)
+            state.pending, state.load, state.first_seen = None, None, None
+        if publish:
+            self.bank.publish(tenant, snapshot.bases, snapshot.version)
 
     # -- API ---------------------------------------------------------------------------------------
 
@@ -281,18 +558,25 @@ class Adapter:
         }
 
     async def configure(self, tenant: str, frozen: bool | None, learning_rate: float | None) -> None:
+        """Stores the tenant's settings (every replica and every restart sees them) and applies them here."""
         state = await self.ensure_loaded(tenant)
-        with self._lock:
-            if frozen is not None:
-                state.frozen = frozen
-                state.pending = None
-            if learning_rate is not None:
-                state.learning_rate = learning_rate
+        settings = {}
+        if frozen is not None:
+            settings["frozen"] = "true" if frozen else "false"
+        if learning_rate is not None:
+            settings["learning_rate"] = repr(learning_rate)
+        if settings:
+            await self.store.configure(self.model, tenant, settings)
+            self._configured(state, settings)
 
     async def rollback(self, tenant: str, version: int | None) -> int:
         """Commits, as a new version, the bases of `version` (None: the previous one; 0: the trained
         bases). Returns the new version number."""
-        state = await self.ensure_loaded(tenant)
+        async with self._steps[tenant]:
+            state = await self.ensure_loaded(tenant)
+            return await self._rollback(tenant, state, version)
+
+    async def _rollback(self, tenant: str, state: TenantState, version: int | None) -> int:
         if version is None:
             version = max(0, state.version - 1)
         if version == 0:
@@ -308,10 +592,16 @@ class Adapter:
             self.stats.commits_lost += 1
             raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")
         with self._lock:
-            state.pending, state.load = None, None
+            state.pending, state.load, state.first_seen = None, None, None
             self._adopt(tenant, state, restored)
         self.stats.rollbacks += 1
         return restored.version
 
     async def reset(self, tenant: str) -> int:
         return await self.rollback(tenant, 0)
+
+
+def _combined(version: int, batches: list[StatisticsBatch]) -> LayerStatistics:
+    """The batches' statistics summed layer by layer, counted as taken against `version`."""
+    per_batch = [b.stats.layers for b in batches]
+    return LayerStatistics(version, [sum(layer[1:], layer[0]) for layer in zip(*per_batch, strict=True)])

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, SnapshotStore, TenantBank
+from ..adaptation.bus import LocalBus, RedisStatisticsBus, StatisticsBus
 from ..adaptation.redis_store import RedisSnapshotStore
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
@@ -66,16 +67,21 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     adapter = None
     if trained is not None and settings.adaptation != "off":
         adaptation = AdaptationConfig(
+            mode=settings.adaptation,
             learning_rate=settings.adaptation_learning_rate,
             min_tokens=settings.adaptation_min_tokens,
             capture=CaptureConfig(max_token_norm=settings.max_token_norm),
         )
         store: SnapshotStore
+        bus: StatisticsBus
         if settings.redis_url:
             store = RedisSnapshotStore.from_url(settings.redis_url, keep=settings.snapshot_keep)
+            bus = RedisStatisticsBus(store.redis, name, partitions=settings.adaptation_partitions)
         else:
             store = LocalDirStore(settings.resolved_state_dir / "snapshots", keep=settings.snapshot_keep)
-        adapter = Adapter(name, trained, bank, store, adaptation)
+            bus = LocalBus()
+        adapter = Adapter(name, trained, bank, store, adaptation, bus)
+        adapter.on_commit = metrics.adaptation_lag.labels(name).observe
 
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
@@ -121,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
+        metrics.watch_adapters(lambda: [(n, m.adapter.stats) for n, m in state.models.items() if m.adapter])
         state.ready = True
         log.info("serving %s", ", ".join(f"{n} ({m.task})" for n, m in state.models.items()))
         try:

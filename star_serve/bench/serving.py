@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +27,9 @@ from ..adaptation import TenantBank
 from ..engine import EngineConfig, GenerationEngine, SamplingParams
 from ..engine.generation import SequenceRequest
 from ..model import StarMoeForCausalLM
-from ..model.loading import load_model
-from .report import free_port, write_report
+from ..model.loading import load_model, resolve_device, resolve_dtype
+from .report import write_report
+from .server import BenchServer
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,8 @@ class ServingBenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 32)
     tenants: int = 64
     repeats: int = 3
+    device: str = "auto"  # every configuration runs on this device, in this dtype
+    dtype: str = "auto"
 
 
 def _prompts(n: int) -> list[str]:
@@ -67,7 +68,7 @@ def _median_rate(run: Callable[[], int], repeats: int) -> dict[str, Any]:
 def _hf_one_at_a_time(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], max_tokens: int) -> int:
     total = 0
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
+        ids = tokenizer(prompt, return_tensors="pt").to(model.device)
         out = model.generate(**ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
         total += out.shape[1] - ids["input_ids"].shape[1]
     return total
@@ -75,49 +76,9 @@ def _hf_one_at_a_time(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[s
 
 def _hf_static_batch(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], max_tokens: int) -> int:
     tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     out = model.generate(**batch, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
     return (out.shape[1] - batch["input_ids"].shape[1]) * len(prompts)
-
-
-# -- the server ---------------------------------------------------------------------------------------
-
-
-class _Server:
-    def __init__(self, model_dir: Path, max_running: int) -> None:
-        self.port = free_port()
-        env = {**os.environ, "STAR_MAX_RUNNING": str(max_running), "STAR_MAX_WAITING": "1024"}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "star_serve.cli",
-                "serve",
-                "--model",
-                f"bench={model_dir}",
-                "--port",
-                str(self.port),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the server did not become ready in 120 s")
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
 
 
 async def _clients(url: str, prompts: list[str], max_tokens: int, concurrency: int) -> int:
@@ -152,10 +113,11 @@ def _run_clients(url: str, prompts: list[str], max_tokens: int, concurrency: int
 def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig) -> dict:
     """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant vs each its own bases."""
     trained = model.trained_bases()
-    bank = TenantBank(trained, torch.device("cpu"), torch.float32, capacity=cfg.tenants)
+    bank = TenantBank(trained, model.device, model.dtype, capacity=cfg.tenants)
     generator = torch.Generator().manual_seed(0)
     for t in range(cfg.tenants):
-        noisy = trained + 0.05 * torch.randn(trained.shape, generator=generator)
+        noise = 0.05 * torch.randn(trained.shape, generator=generator)  # drawn on the CPU: same bases everywhere
+        noisy = trained + noise.to(trained.device, trained.dtype)
         bank.publish(f"tenant-{t}", noisy / noisy.norm(dim=-1, keepdim=True), version=1)
     engine = GenerationEngine(model, tokenizer, bank, EngineConfig(max_running=cfg.tenants, max_waiting=0))
     engine.start()
@@ -180,12 +142,15 @@ def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str
 
 def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     torch.manual_seed(0)
-    model, tokenizer = load_model(cfg.model_dir, "generate", torch.device("cpu"), torch.float32)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer = load_model(cfg.model_dir, "generate", device, dtype)
     assert isinstance(model, StarMoeForCausalLM)
     prompts = _prompts(cfg.requests)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
-        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": "cpu"},
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": name, "dtype": str(dtype)},
     }
     log(f"transformers generate, one request at a time ({cfg.requests} requests)")
     results["hf_one_at_a_time"] = _median_rate(
@@ -195,7 +160,13 @@ def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = prin
     results["hf_static_batch"] = _median_rate(
         lambda: _hf_static_batch(model, tokenizer, prompts, cfg.max_tokens), cfg.repeats
     )
-    server = _Server(cfg.model_dir, max_running=max(cfg.concurrency))
+    env = {
+        "STAR_MAX_RUNNING": str(max(cfg.concurrency)),
+        "STAR_MAX_WAITING": "1024",
+        "STAR_DEVICE": device.type,
+        "STAR_DTYPE": str(dtype).removeprefix("torch."),
+    }
+    server = BenchServer(cfg.model_dir, env)
     try:
         results["server"] = {}
         for concurrency in cfg.concurrency:

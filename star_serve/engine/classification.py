@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForSequenceClassification
 from ..model.inputs import pad_right
-from .observe import observe
+from .observe import observe, route
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ class ClassificationEngine:
     @torch.inference_mode()
     def _run(self, batch: list[_Item]) -> list[ClassificationResult]:
         ids, mask = pad_right([item.ids for item in batch], self.tokenizer.pad_token_id or 0)
-        view = self.bank.lookup([item.tenant for item in batch])
+        tenants, lengths = [item.tenant for item in batch], [len(item.ids) for item in batch]
+        view, update = route(self.bank, self.adapter, tenants, lengths)
         adapting = self.adapter is not None and view.bank is not None
         want_routing = adapting or any(item.return_routing for item in batch)
         out = self.model(
@@ -144,13 +145,12 @@ class ClassificationEngine:
             router_bank=view.bank,
             tenant_index=view.index,
             output_routing=want_routing,
+            router_update=update,
         )
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
         if adapting:
-            lengths = [len(item.ids) for item in batch]
-            tenants = [item.tenant for item in batch]
-            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts)
+            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts, update)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

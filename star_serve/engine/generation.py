@@ -23,7 +23,7 @@ from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
-from .observe import observe
+from .observe import observe, route
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -287,7 +287,9 @@ class GenerationEngine:
             ids = torch.tensor([[s.generated[-1]] for s in batch])
             starts = torch.tensor([s.length - 1 for s in batch])
             last = torch.zeros(len(batch), dtype=torch.long)
-        view = self.bank.lookup([s.tenant for s in batch])
+        tenants = [s.tenant for s in batch]
+        lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]  # real tokens in this forward
+        view, update = route(self.bank, self.adapter, tenants, lengths)
         if prefill:
             for s, version in zip(batch, view.versions, strict=True):
                 s.version = version
@@ -304,17 +306,17 @@ class GenerationEngine:
             router_bank=view.bank,
             tenant_index=view.index,
             output_routing=want_routing,
+            router_update=update,
         )
         if self.on_step is not None:
             phase = "prefill" if prefill else "decode"
             self.on_step(StepStats(phase, len(batch), int(ids.numel())))
         rows = torch.arange(len(batch), device=self.device)
         next_logits = self.lm_head(out.last_hidden_state[rows, last.to(self.device)])  # (B, V): last positions only
-        lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]
         if want_routing:
             self._count_routing(batch, out.expert_indices, lengths)
         if adapting:
-            observe(self.adapter, [s.tenant for s in batch], lengths, view, out, self.model.config.num_local_experts)
+            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts, update)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:

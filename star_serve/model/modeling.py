@@ -2,11 +2,14 @@
 feed-forward block is a sparse MoE with a STAR router, plus causal-LM and sequence-classification heads.
 
 Per-tenant routing travels as data: `router_bank` (T, L, E, D) stacks T tenants' GHA bases for all L
-layers and `tenant_index` (B,) picks each sequence's tenant, so one forward serves many tenants.
+layers and `tenant_index` (B,) picks each sequence's tenant, so one forward serves many tenants. A
+`router_update` callback, called with each layer's index and router inputs before that layer routes, may
+rewrite the layer's rows of the bank: that is test-time adaptation in `sync` mode (STAR.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,8 @@ from transformers.utils import ModelOutput
 from .configuration import StarMoeConfig
 from .moe import StarMoeExperts, StarMoeSparseBlock
 from .router import StarGate, StarMoeRouter, switch_load_balancing_loss
+
+RouterUpdate = Callable[[int, torch.Tensor], None]  # (layer index, router inputs (B, S, D)) before routing
 
 
 class StarMoeRMSNorm(nn.Module):
@@ -131,20 +136,19 @@ class StarMoeDecoderLayer(nn.Module):
         self.post_attention_layernorm = StarMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = StarMoeSparseBlock(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: Cache | None,
-        bases: torch.Tensor | None,
-        token_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the new hidden states, the router's inputs, its logits and the chosen experts."""
+    def attend(
+        self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: the new residual stream and the router's inputs (B, S, D)."""
         x = x + self.self_attn(self.input_layernorm(x), rotary, mask, cache)
-        router_input = self.post_attention_layernorm(x)  # (B, S, D): what the router and GHA see
+        return x, self.post_attention_layernorm(x)  # the router and GHA see the normalised stream
+
+    def route(
+        self, x: torch.Tensor, router_input: torch.Tensor, bases: torch.Tensor | None, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The MoE half: the new hidden states, the router's logits and the chosen experts."""
         moe = self.mlp(router_input, bases=bases, token_mask=token_mask)
-        return x + moe.hidden_states, router_input, moe.router_logits, moe.expert_indices
+        return x + moe.hidden_states, moe.router_logits, moe.expert_indices
 
 
 @dataclass
@@ -242,6 +246,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         router_bank: torch.Tensor | None = None,  # (T, L, E, D)
         tenant_index: torch.Tensor | None = None,  # (B,)
         output_routing: bool = False,
+        router_update: RouterUpdate | None = None,
         **kwargs: object,
     ) -> StarMoeModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -265,11 +270,14 @@ class StarMoeModel(StarMoePreTrainedModel):
 
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
+            x, router_input = layer.attend(x, rotary, mask, past_key_values)
+            if router_update is not None:  # test-time adaptation before routing: may rewrite router_bank[:, i]
+                router_update(i, router_input)
             bases = None
             if router_bank is not None:  # one shared bank row (E, D), or one row per sequence (B, E, D)
                 bases = router_bank[0, i] if router_bank.shape[0] == 1 else router_bank[tenant_index, i]
-            x, router_input, logits, experts = layer(x, rotary, mask, past_key_values, bases, token_mask)
+            x, logits, experts = layer.route(x, router_input, bases, token_mask)
             all_logits.append(logits)
             if output_routing:
                 all_inputs.append(router_input)
@@ -320,6 +328,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
         router_bank: torch.Tensor | None = None,
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
+        router_update: RouterUpdate | None = None,
         logits_to_keep: int = 0,
         **kwargs: object,
     ) -> StarMoeCausalLMOutput:
@@ -334,6 +343,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             router_bank=router_bank,
             tenant_index=tenant_index,
             output_routing=output_routing,
+            router_update=router_update,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, S, V)
@@ -380,6 +390,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
         router_bank: torch.Tensor | None = None,
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
+        router_update: RouterUpdate | None = None,
         **kwargs: object,
     ) -> StarMoeSequenceClassifierOutput:
         out = self.model(
@@ -390,6 +401,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
             router_bank=router_bank,
             tenant_index=tenant_index,
             output_routing=output_routing,
+            router_update=router_update,
         )
         hidden = out.last_hidden_state  # (B, S, D)
         b, s, _ = hidden.shape

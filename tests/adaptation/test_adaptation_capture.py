@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from star_serve.adaptation.capture import CaptureConfig, capture
+from star_serve.adaptation.capture import CaptureConfig, capture, capture_groups, expert_load
 from star_serve.model import gha_statistics, orthonormalize
 
 L, E, D, N = 2, 4, 16, 50
@@ -73,3 +73,44 @@ def test_statistics_of_one_version_add_up_and_of_two_versions_refuse() -> None:
         pass
     else:
         raise AssertionError("statistics of different versions must not add up")
+
+
+def test_one_pass_over_a_batch_equals_each_tenant_captured_alone() -> None:
+    """Three sequences of two tenants in a padded (B, S) batch, each tenant served its own bank row."""
+    bank = torch.stack([_bases(0), _bases(1), _bases(2)])  # (R, L, E, D)
+    rows, groups, lengths = torch.tensor([2, 1, 2]), torch.tensor([0, 1, 0]), [5, 7, 3]
+    inputs = [torch.randn(3, 7, D) for _ in range(L)]
+    real = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
+    inputs[0][1, 2, 0] = float("nan")  # tenant 1's third token is rejected at every layer
+    inputs[1][0, 6, :] = float("nan")  # padding: never looked at
+    config = CaptureConfig(max_token_norm=1e9)
+    together = capture_groups(bank, rows, inputs, real, groups, [4, 9], config)
+
+    alone_a = capture(bank[2], [torch.cat([x[0, :5], x[2, :3]]) for x in inputs], 4, config)
+    alone_b = capture(bank[1], [x[1, :7] for x in inputs], 9, config)
+    for got, want in ((together[0], alone_a), (together[1], alone_b)):
+        assert got.version == want.version and got.counts == want.counts
+        for g, w in zip(got.layers, want.layers, strict=True):
+            assert g.n == w.n
+            torch.testing.assert_close(g.s1, w.s1)
+            torch.testing.assert_close(g.s2, w.s2)
+    assert (together[0].tokens, together[1].tokens, together[1].counts.rejected) == (8, 6, 1)
+
+
+def test_a_tenants_budget_spans_its_sequences_in_order() -> None:
+    inputs = [torch.randn(3, 40, D) for _ in range(L)]
+    real = torch.ones(3, 40, dtype=torch.bool)
+    groups = torch.tensor([0, 1, 0])
+    config = CaptureConfig(max_tokens_per_batch=50, max_token_norm=1e9)
+    a, b = capture_groups(_bases()[None], torch.zeros(3, dtype=torch.long), inputs, real, groups, [0, 0], config)
+    assert (a.tokens, a.counts.dropped, b.tokens, b.counts.dropped) == (50, 30, 40, 0)
+    first_fifty = capture(_bases(), [torch.cat([x[0], x[2, :10]]) for x in inputs], 0, config)
+    torch.testing.assert_close(a.layers[1].s1, first_fifty.layers[1].s1)
+
+
+def test_expert_load_counts_each_tenants_real_tokens() -> None:
+    indices = [torch.tensor([[[0, 1], [2, 3]], [[1, 1], [0, 0]]]) for _ in range(L)]  # L x (B=2, S=2, k=2)
+    real = torch.tensor([[True, True], [True, False]])
+    load = expert_load(indices, real, torch.tensor([1, 0]), num_groups=2, num_experts=E)
+    assert load.shape == (2, L, E)
+    assert load[1, 0].tolist() == [1, 1, 1, 1] and load[0, 1].tolist() == [0, 2, 0, 0]

@@ -1,5 +1,5 @@
-"""Per-tenant adaptation through the real server: traffic commits versions, tenants stay isolated, state
-survives a kill -9, and reset and rollback restore exact bytes."""
+"""Per-tenant adaptation through the real server: traffic commits versions (async and sync modes), tenants
+stay isolated, settings and state survive a kill -9, and reset and rollback restore exact bytes."""
 
 from __future__ import annotations
 
@@ -57,7 +57,41 @@ def test_traffic_commits_versions_for_its_tenant_only(launch: Launcher) -> None:
     bystander = _subspace(server, "bystander")
     assert bystander["version"] == 0 and max(bystander["drift"]) < 1e-6
     assert _complete(server, "bystander")["choices"] == untouched_before["choices"]
-    assert not (server.state_dir / "snapshots" / LM_NAME / "bystander").exists()
+    assert not list((server.state_dir / "snapshots" / LM_NAME / "bystander").glob("*.safetensors"))
+
+
+def test_sync_mode_moves_the_tenants_row_with_its_own_batches(launch: Launcher) -> None:
+    server = launch(env={**ENV, "STAR_ADAPTATION": "sync"})
+    frozen = {"frozen": True}  # in sync mode too, its own requests would move its own row
+    server.http.patch("/v1/subspace", params={"model": LM_NAME}, json=frozen, headers={"X-Tenant": "bystander"})
+    before = _complete(server, "bystander")
+    served = []
+
+    def committed() -> bool:
+        served.append(_complete(server, "busy")["star"]["subspace_version"])
+        return _subspace(server, "busy")["version"] >= 2
+
+    wait_until(committed, timeout=60, what="busy reaching version 2 in sync mode")
+    assert served == sorted(served)
+    busy = _subspace(server, "busy")
+    assert all(d > 0 for d in busy["drift"]) and busy["tokens_seen"] >= 2 * 16
+    stored = _stored(server, "busy", busy["version"])
+    assert torch.isfinite(stored).all()
+    assert _subspace(server, "bystander")["version"] == 0
+    assert _complete(server, "bystander")["choices"] == before["choices"]
+
+
+def test_settings_survive_a_restart(launch: Launcher) -> None:
+    server = launch(env=ENV)
+    patch = {"frozen": True, "learning_rate": 0.125}
+    response = server.http.patch("/v1/subspace", params={"model": LM_NAME}, json=patch, headers={"X-Tenant": "t"})
+    assert response.status_code == 200, response.text
+    server.kill()
+    again = launch(env=ENV, state_dir=server.state_dir)
+    state = _subspace(again, "t")
+    assert state["frozen"] is True and state["learning_rate"] == 0.125
+    _complete(again, "t", max_tokens=32)
+    assert _subspace(again, "t")["version"] == 0  # still frozen: its traffic adapts nothing
 
 
 def test_versions_survive_kill_9(launch: Launcher) -> None:

@@ -1,7 +1,11 @@
-"""Two server processes on one real Redis: one tenant's traffic on both, versions only increase, and both
+"""Two server processes on one real Redis: one tenant's traffic on both, versions only increase, every
+statistics batch either replica publishes is applied exactly once by the tenant's single owner, and both
 replicas end up serving the same committed version."""
 
 from __future__ import annotations
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from .support import LM_NAME, Launcher, Server, wait_until
 
@@ -21,11 +25,18 @@ def _state_version(server: Server, tenant: str) -> int:
     return int(response.json()["version"])
 
 
+def _batches(server: Server) -> dict[str, float]:
+    """The replica's statistics batches by outcome, from its /metrics."""
+    families = text_string_to_metric_families(server.http.get("/metrics").text)
+    family = next(f for f in families if f.name == "star_adaptation_batches")
+    return {s.labels["outcome"]: s.value for s in family.samples if s.labels["model"] == LM_NAME}
+
+
 def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str) -> None:
     env = {"STAR_REDIS_URL": redis_url, "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
     replicas = [launch(env=env), launch(env=env)]
     for server in replicas:
-        assert server.http.get("/ready").json()["store"] == "ok"
+        assert server.http.get("/ready").json()["store"] == "ok", server.log()
 
     seen: dict[int, list[int]] = {0: [], 1: []}
 
@@ -46,3 +57,17 @@ def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str)
     )
     final = _state_version(replicas[0], "shared")
     assert {_served_version(s, "shared") for s in replicas} >= {final}
+
+    # every batch published by either replica was handled once, by one owner, and each applied id recorded once
+    def settled() -> bool:
+        counts = [_batches(s) for s in replicas]
+        handled = sum(c["applied"] + c["stale"] + c["refused"] + c["frozen"] for c in counts)
+        return handled == sum(c["published"] for c in counts)
+
+    wait_until(settled, timeout=30, what="every published batch handled")
+    counts = [_batches(s) for s in replicas]
+    assert all(c["published"] > 0 for c in counts)  # both replicas captured traffic
+    assert sum(c["applied"] > 0 for c in counts) == 1  # one owner applied it all
+    applied = sum(c["applied"] for c in counts)
+    recorded = redis.Redis.from_url(redis_url).zcard(f"star:{{{LM_NAME}:shared}}:applied")
+    assert applied == recorded >= 3
