@@ -59,6 +59,23 @@ class LayerStatistics:
         return LayerStatistics(self.version, [a + b for a, b in zip(self.layers, other.layers, strict=True)], counts)
 
 
+@dataclass
+class ForwardStatistics:
+    """The statistics of every group (tenant) of one forward, stacked, on the capture device."""
+
+    s1: torch.Tensor  # (G, L, E, D)
+    s2: torch.Tensor  # (G, L, E, E)
+    counts: list[CaptureCounts]  # (G,) on the host
+    versions: list[int]  # (G,) the basis version each group was served with
+    explained: list[float | None]  # (G,) share of the tokens' energy in the subspace, ||X V^T||^2 / ||X||^2
+
+    def group(self, g: int) -> LayerStatistics:
+        """One group's statistics, on the host."""
+        s1, s2, n = self.s1[g].cpu(), self.s2[g].cpu(), self.counts[g].sampled
+        layers = [GhaStatistics(a, b, n) for a, b in zip(s1, s2, strict=True)]
+        return LayerStatistics(self.versions[g], layers, self.counts[g])
+
+
 def capture_groups(
     bases: torch.Tensor,  # (R, L, E, D): the bank rows that served these tokens
     rows: torch.Tensor,  # (B,) each sequence's row of `bases`
@@ -68,12 +85,13 @@ def capture_groups(
     versions: list[int],  # (G,) the basis version each group was served with
     config: CaptureConfig,
     generator: torch.Generator | None = None,
-) -> list[LayerStatistics]:
-    """The statistics of every group's tokens of one forward, at once: the work is a few batched products per
-    layer over the forward's own (B, S) layout, and one copy to the host, however many groups there are."""
-    device = router_inputs[0].device
-    b, s = tokens.shape
-    g = len(versions)
+) -> ForwardStatistics:
+    """The statistics of every group's tokens of one forward, at once: a few batched products over the
+    forward's own (B, S) layout, all layers together, and one copy of the counts to the host, however many
+    groups there are."""
+    x = torch.stack(router_inputs).detach()  # (L, B, S, D)
+    layers, b, s, dim = x.shape
+    device, g = x.device, len(versions)
     keep = tokens.to(device)
     groups = groups.to(device)
     if config.sample_rate < 1.0:
@@ -82,36 +100,34 @@ def capture_groups(
     kept = keep.sum(dim=1)  # (B,)
     member = torch.nn.functional.one_hot(groups, g)  # (B, G)
     before = (member * kept[:, None]).cumsum(dim=0).gather(1, groups[:, None]).squeeze(1) - kept  # (B,)
-    within = before[:, None] + keep.cumsum(dim=1)  # (B, S): the token's rank in its group
-    over_budget = keep & (within > config.max_tokens_per_batch)
+    over_budget = keep & (before[:, None] + keep.cumsum(dim=1) > config.max_tokens_per_batch)
     keep = keep & ~over_budget
     # A token rejected (non-finite) at any layer is dropped at every layer, so that N agrees across layers.
-    finite = torch.stack([x.isfinite().all(dim=-1) for x in router_inputs]).all(dim=0)  # (B, S)
-    rejected = keep & ~finite
-    keep = keep & finite
-    clipped = torch.zeros_like(keep)
-    s1, s2 = [], []
-    for layer, x in enumerate(router_inputs):
-        x = torch.where(keep[..., None], x.detach().float(), 0.0)  # (B, S, D)
-        norms = x.norm(dim=-1, keepdim=True)
-        over = norms > config.max_token_norm
-        clipped |= over.squeeze(-1)
-        x = torch.where(over, x * (config.max_token_norm / norms.clamp_min(1e-12)), x)
-        basis = bases[rows.to(bases.device), layer].to(device, torch.float32)  # (B, E, D)
-        y = torch.bmm(x, basis.transpose(1, 2))  # (B, S, E)
-        s1.append(_by_group(torch.bmm(y.transpose(1, 2), x), groups, g))  # (G, E, D)
-        s2.append(_by_group(torch.bmm(y.transpose(1, 2), y), groups, g))  # (G, E, E)
+    rejected = keep & ~x.isfinite().all(dim=-1).all(dim=0)
+    keep = keep & ~rejected
+    x = torch.where(keep[None, :, :, None], x.float(), 0.0)
+    norms = x.norm(dim=-1, keepdim=True)
+    over = norms > config.max_token_norm  # (L, B, S, 1)
+    x = torch.where(over, x * (config.max_token_norm / norms.clamp_min(1e-12)), x)
+    clipped = over.squeeze(-1).any(dim=0)  # (B, S)
+    basis = bases[rows.to(bases.device)].to(device, torch.float32).transpose(0, 1)  # (L, B, E, D)
+    x, basis = x.reshape(layers * b, s, dim), basis.reshape(layers * b, -1, dim)
+    y = torch.bmm(x, basis.transpose(1, 2))  # (L*B, S, E)
+    s1 = torch.bmm(y.transpose(1, 2), x).view(layers, b, -1, dim)  # (L, B, E, D)
+    s2 = torch.bmm(y.transpose(1, 2), y).view(layers, b, y.shape[-1], -1)  # (L, B, E, E)
     per_sequence = torch.stack([keep, clipped, rejected, over_budget]).sum(dim=2)  # (4, B)
-    counts = _by_group(per_sequence.T, groups, g).T.tolist()  # (4, G), on the host
-    s1_host, s2_host = torch.stack(s1, dim=1).cpu(), torch.stack(s2, dim=1).cpu()  # (G, L, E, D), (G, L, E, E)
-    return [
-        LayerStatistics(
-            version,
-            [GhaStatistics(a, b, int(counts[0][i])) for a, b in zip(s1_host[i], s2_host[i], strict=True)],
-            CaptureCounts(*(int(c[i]) for c in counts)),
-        )
-        for i, version in enumerate(versions)
-    ]
+    counts = _by_group(per_sequence.T, groups, g).tolist()  # (G, 4), on the host
+    s1_groups, s2_groups = _by_group(s1.transpose(0, 1), groups, g), _by_group(s2.transpose(0, 1), groups, g)
+    energy = _by_group(x.square().sum(dim=(1, 2)).view(layers, b).T, groups, g)  # (G, L): ||X||^2
+    within = s2_groups.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # (G, L): ||X V^T||^2
+    explained = (within / energy.clamp_min(1e-12)).mean(dim=1).tolist()
+    return ForwardStatistics(
+        s1_groups,
+        s2_groups,
+        [CaptureCounts(*c) for c in counts],
+        list(versions),
+        [e if c[0] else None for e, c in zip(explained, counts, strict=True)],
+    )
 
 
 def capture(
@@ -124,9 +140,8 @@ def capture(
     """The statistics of one tenant's tokens, against `bases`."""
     n = router_inputs[0].shape[0]
     inputs = [x[None] for x in router_inputs]  # one sequence of N tokens
-    one = torch.zeros(1, dtype=torch.long)
-    every = torch.ones(1, n, dtype=torch.bool)
-    return capture_groups(bases[None], one, inputs, every, one, [version], config, generator)[0]
+    one, every = torch.zeros(1, dtype=torch.long), torch.ones(1, n, dtype=torch.bool)
+    return capture_groups(bases[None], one, inputs, every, one, [version], config, generator).group(0)
 
 
 def expert_load(
@@ -136,7 +151,7 @@ def expert_load(
     num_groups: int,
     num_experts: int,
 ) -> torch.Tensor:
-    """(G, L, E) on the host: how many of each group's tokens every layer sent to each expert."""
+    """(G, L, E) on the tokens' device: how many of each group's tokens every layer sent to each expert."""
     indices = torch.stack(expert_indices)  # (L, B, S, k)
     layers, device = len(expert_indices), indices.device
     group = groups.to(device)[None, :, None, None]
@@ -144,7 +159,7 @@ def expert_load(
     key = (group * layers + layer) * num_experts + indices  # (L, B, S, k)
     counted = tokens.to(device)[None, :, :, None].expand_as(key)
     load = torch.bincount(key[counted], minlength=num_groups * layers * num_experts)
-    return load.view(num_groups, layers, num_experts).cpu()
+    return load.view(num_groups, layers, num_experts)
 
 
 def _by_group(values: torch.Tensor, groups: torch.Tensor, g: int) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The capture thread: forwards captured together (merged when they wait) give the statistics each would
+give alone, a tenant's forwards of two versions never mix, and closing captures what is waiting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank, capture
+from star_serve.engine.observe import Observer, _Forward, _merged
+from star_serve.model import orthonormalize
+
+L, E, D, K = 2, 4, 16, 2
+
+
+def _adapter(tmp_path: Path) -> tuple[Adapter, TenantBank]:
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    config = AdaptationConfig(min_tokens=1 << 20, capture=CaptureConfig(max_token_norm=1e9))
+    return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config), bank
+
+
+def _out(batch: int, seq_len: int, seed: int) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        router_inputs=[torch.randn(batch, seq_len, D, generator=gen) for _ in range(L)],
+        expert_indices=[torch.randint(0, E, (batch, seq_len, K), generator=gen) for _ in range(L)],
+    )
+
+
+def test_forwards_captured_together_equal_each_captured_alone(tmp_path: Path) -> None:
+    adapter, bank = _adapter(tmp_path)
+    observer = Observer(adapter, E)
+    forwards = [(["a", "b"], [5, 3], _out(2, 5, 0)), (["b", "a"], [1, 1], _out(2, 1, 1)), (["a"], [1], _out(1, 1, 2))]
+    for tenants, lengths, out in forwards:
+        observer.submit(tenants, lengths, bank.lookup(tenants), out)
+    observer.close()
+
+    for tenant in ("a", "b"):
+        pieces = [
+            [x[i, :n] for x in out.router_inputs]
+            for tenants, lengths, out in forwards
+            for i, (t, n) in enumerate(zip(tenants, lengths, strict=True))
+            if t == tenant
+        ]
+        want = capture(
+            adapter.trained, [torch.cat(layer) for layer in zip(*pieces, strict=True)], 0, adapter.config.capture
+        )
+        taken = adapter.pending.take(tenant)
+        assert taken is not None
+        got, load, _ = taken
+        assert got.tokens == want.tokens and int(load.sum()) == want.tokens * L * K
+        for g, w in zip(got.layers, want.layers, strict=True):
+            torch.testing.assert_close(g.s1, w.s1)
+            torch.testing.assert_close(g.s2, w.s2)
+
+
+def test_a_tenants_sequences_of_two_versions_stay_apart() -> None:
+    out = _out(1, 1, 0)
+    bases = torch.zeros(1, L, E, D)
+    one = _Forward(["a"], [1], [0], out.router_inputs, out.expert_indices, bases)
+    two = _Forward(["a"], [1], [1], out.router_inputs, out.expert_indices, bases)
+    (merged,) = _merged([one, two])
+    names, groups, versions, _ = merged.grouped()
+    assert (names, groups.tolist(), versions) == (["a", "a"], [0, 1], [0, 1])
