@@ -55,12 +55,15 @@ class Settings(BaseSettings):
         "routing each batch (STAR.md), or `off`.",
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
-    adaptation_min_tokens: int = Field(64, ge=1, description="Tokens of statistics that make one GHA step.")
+    adaptation_min_tokens: int = Field(512, ge=1, description="Tokens of statistics that make one GHA step.")
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
     )
     max_token_norm: float = Field(64.0, gt=0, description="Router inputs longer than this are clipped to it.")
     snapshot_keep: int = Field(10, ge=1, description="Versions of each tenant's bases kept for rollback.")
+    metrics_top_tenants: int = Field(
+        20, ge=0, description="Tenants with metrics of their own (the busiest); the rest are one 'other'."
+    )
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
 
     @property

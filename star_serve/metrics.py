@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .adaptation import AdaptationStats
+from .adaptation import Adapter, load_entropy
 from .engine.types import EngineStats, StepStats
 
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -68,6 +69,17 @@ class ServingMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.router_alignment = Gauge(
+            "star_router_alignment",
+            "Mean |cosine| of each linear-gate row with its expert's principal input direction, per layer.",
+            ["model", "layer"],
+            registry=r,
+        )
+
+    def observe_alignment(self, model: str, alignment: list[float | None]) -> None:
+        for layer, value in enumerate(alignment):
+            if value is not None:
+                self.router_alignment.labels(model, str(layer)).set(value)
 
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model, stats.phase).observe(stats.batch_size)
@@ -76,16 +88,17 @@ class ServingMetrics:
         """Reads running and waiting counts from the engines at scrape time."""
         self.registry.register(_EngineCollector(engines))
 
-    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, AdaptationStats]]]) -> None:
-        """Reads the adaptation counters from the adapters at scrape time."""
-        self.registry.register(_AdaptationCollector(adapters))
+    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, Adapter]]], top_tenants: int) -> None:
+        """Reads the adaptation counters from the adapters at scrape time, and the health of their
+        `top_tenants` busiest tenants (the rest as one "other")."""
+        self.registry.register(_AdaptationCollector(adapters, top_tenants))
 
 
 class _AdaptationCollector(Collector):
-    def __init__(self, adapters: Callable[[], Iterable[tuple[str, AdaptationStats]]]) -> None:
-        self._adapters = adapters
+    def __init__(self, adapters: Callable[[], Iterable[tuple[str, Adapter]]], top_tenants: int) -> None:
+        self._adapters, self._top = adapters, top_tenants
 
-    def collect(self) -> Iterable[CounterMetricFamily]:
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         steps = CounterMetricFamily("star_adaptation_steps", "GHA steps committed.", labels=["model"])
         batches = CounterMetricFamily(
             "star_adaptation_batches",
@@ -104,28 +117,71 @@ class _AdaptationCollector(Collector):
         )
         rollbacks = CounterMetricFamily("star_adaptation_rollbacks", "Rollbacks and resets.", labels=["model"])
         store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
-        for name, stats in self._adapters():
+        store_up = GaugeMetricFamily("star_store_up", "1 while the snapshot store answers.", labels=["model"])
+        drift = GaugeMetricFamily(
+            "star_tenant_drift",
+            "Largest projection distance of a layer's basis from the trained one (busiest tenants, and other).",
+            labels=["model", "tenant"],
+        )
+        explained = GaugeMetricFamily(
+            "star_tenant_explained_variance",
+            "Recent share of the tenant's router-input energy in its subspace, ||X V^T||^2 / ||X||^2.",
+            labels=["model", "tenant"],
+        )
+        for name, adapter in self._adapters():
+            stats = adapter.stats
             steps.add_metric([name], stats.steps)
             for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused"):
                 batches.add_metric([name, outcome], stats.batches[outcome])
-            for outcome in ("sampled", "clipped", "rejected", "dropped"):
+            for outcome in ("sampled", "clipped", "rejected"):
                 tokens.add_metric([name, outcome], getattr(stats.captured, outcome))
+            tokens.add_metric([name, "dropped"], stats.captured.dropped + adapter.pending.dropped_tokens)
             writes.add_metric([name, "ok"], stats.steps + stats.rollbacks)
             writes.add_metric([name, "conflict"], stats.commits_lost)
             rollbacks.add_metric([name], stats.rollbacks)
             store_errors.add_metric([name], stats.store_errors)
-        yield from (steps, batches, tokens, writes, rollbacks, store_errors)
+            store_up.add_metric([name], float(adapter.store_ok))
+            for health in adapter.health(self._top):
+                drift.add_metric([name, health.tenant], health.drift)
+                if health.explained is not None:
+                    explained.add_metric([name, health.tenant], health.explained)
+        yield from (steps, batches, tokens, writes, rollbacks, store_errors, store_up, drift, explained)
 
 
 class _EngineCollector(Collector):
     def __init__(self, engines: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         self._engines = engines
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         running = GaugeMetricFamily("star_requests_running", "Sequences in the running batch.", labels=["model"])
         waiting = GaugeMetricFamily("star_requests_waiting", "Requests waiting for admission.", labels=["model"])
+        routed = CounterMetricFamily(
+            "star_expert_tokens", "Tokens each layer routed to each expert.", labels=["model", "layer", "expert"]
+        )
+        fraction = GaugeMetricFamily(
+            "star_expert_load_fraction",
+            "Recent share of a layer's tokens routed to each expert (over about the last 4096 tokens).",
+            labels=["model", "layer", "expert"],
+        )
+        entropy = GaugeMetricFamily(
+            "star_expert_load_entropy", "Entropy (nats) of a layer's recent expert load.", labels=["model", "layer"]
+        )
+        max_mean = GaugeMetricFamily(
+            "star_expert_load_max_mean_ratio",
+            "A layer's busiest expert's recent load over the mean load (1 when balanced).",
+            labels=["model", "layer"],
+        )
         for name, stats in self._engines():
             running.add_metric([name], stats.running)
             waiting.add_metric([name], stats.waiting)
-        yield running
-        yield waiting
+            if stats.expert_load is None:
+                continue
+            total, recent = stats.expert_load  # (L, E) each
+            for layer, (counts, load) in enumerate(zip(total.tolist(), recent, strict=True)):
+                share = load / load.sum() if load.sum() > 0 else torch.full_like(load, 1 / len(load))
+                for expert, (count, part) in enumerate(zip(counts, share.tolist(), strict=True)):
+                    routed.add_metric([name, str(layer), str(expert)], count)
+                    fraction.add_metric([name, str(layer), str(expert)], part)
+                entropy.add_metric([name, str(layer)], load_entropy(load))
+                max_mean.add_metric([name, str(layer)], float(share.max() * len(share)))
+        yield from (running, waiting, routed, fraction, entropy, max_mean)

@@ -6,7 +6,7 @@ from .bank import BankView, TenantBank
 from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
 from .guardrails import Guardrails, StepReport, guarded_step, load_entropy
 from .store import CorruptSnapshot, LocalDirStore, Snapshot, SnapshotStore
-from .worker import AdaptationConfig, AdaptationStats, Adapter
+from .worker import AdaptationConfig, AdaptationStats, Adapter, TenantHealth
 
 __all__ = [
     "AdaptationConfig",
@@ -23,6 +23,7 @@ __all__ = [
     "SnapshotStore",
     "StepReport",
     "TenantBank",
+    "TenantHealth",
     "capture",
     "guarded_step",
     "load_entropy",

@@ -34,8 +34,9 @@ import torch
 from ..model.gha import orthogonality_defect, projection_distance
 from .bank import BankView, TenantBank
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
-from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
+from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_groups
 from .guardrails import Guardrails, guarded_step, load_entropy
+from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
 from .sync import SyncTenant, SyncUpdate
 
@@ -50,11 +51,12 @@ class CommitConflict(Exception):
 class AdaptationConfig:
     mode: Literal["async", "sync", "off"] = "async"
     learning_rate: float = 0.05  # default test-time learning rate of a tenant
-    min_tokens: int = 64  # statistics of at least this many tokens make a batch (and a step)
+    min_tokens: int = 512  # statistics of at least this many tokens make a batch (and a step)
     max_staleness: int = 4  # versions: batches taken against an older basis are dropped, not applied
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
     poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
+    pending_tenants: int = 256  # tenants whose statistics can wait for publication at once
 
 
 @dataclass
@@ -65,12 +67,25 @@ class TenantState:
     frozen: bool = False
     tokens_seen: int = 0
     updated: float | None = None
-    pending: LayerStatistics | None = None  # captured here, not yet published
-    load: torch.Tensor | None = None  # (L, E) tokens per expert since the last publication
-    first_seen: float | None = None  # wall-clock time of the oldest pending token
+    traffic: int = 0  # tokens captured here, for ranking tenants in the metrics
+    drift: float = 0.0  # largest projection distance of a layer's basis from the trained one
+    explained: float | None = None  # recent share of the tenant's router-input energy in its subspace
+    load: torch.Tensor | None = None  # sync mode: (L, E) tokens per expert since the last commit
+    first_seen: float | None = None  # sync mode: wall-clock time of the oldest token not yet committed
     loaded: bool = False  # the store has been asked for this tenant's latest version and settings
     synced_tokens: int = 0  # sync mode: tokens that moved the tenant's bank row since the last commit
     sync_bases: torch.Tensor | None = None  # sync mode: a copy of the row, to commit
+
+
+EXPLAINED_HALF_LIFE = 4096  # tokens
+OTHER_TENANTS = "other"  # the metrics' label for the tenants beyond the top ones
+
+
+@dataclass(frozen=True)
+class TenantHealth:
+    tenant: str
+    drift: float
+    explained: float | None
 
 
 @dataclass
@@ -102,6 +117,7 @@ class Adapter:
         self.bus: StatisticsBus = bus or LocalBus()
         self.trained = trained.detach().float().cpu()
         self.tenants: dict[str, TenantState] = {}
+        self.pending = PendingStatistics(config.pending_tenants)  # async mode: captured, not yet published
         self.stats = AdaptationStats()
         self._lock = threading.Lock()  # guards `tenants` and `stats` between the engine thread and the loop
         self._steps: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one writer per tenant here
@@ -130,22 +146,37 @@ class Adapter:
                 return False
             return not state.frozen
 
-    def take(self, tenant: str, stats: LayerStatistics, load: torch.Tensor) -> None:
-        """Takes the statistics of one forward's tokens of `tenant`, whose `load` (L, E) counts them per expert."""
+    def take(self, tenants: list[str | None], stats: ForwardStatistics, load: torch.Tensor) -> None:
+        """Takes the statistics of one forward: group g of `stats` holds the tokens of `tenants[g]` (None:
+        a group not captured), accepted for their version; `load` (G, L, E) counts them per expert."""
+        now = time.time()
+        wake = False
         with self._lock:
-            state = self._state(tenant)
-            self.stats.captured += stats.counts
-            if stats.version != state.version or state.frozen:  # a commit or a freeze landed meanwhile
-                self.stats.stale += stats.version != state.version
-                return
-            if state.pending is not None and state.pending.version != stats.version:  # of a replaced basis
-                self.stats.stale += 1
-                state.pending, state.load, state.first_seen = None, None, None
-            state.pending = stats if state.pending is None else state.pending + stats
-            state.load = load.cpu() if state.load is None else state.load + load.cpu()
-            state.first_seen = state.first_seen or time.time()
-            ready = state.pending.tokens >= self.config.min_tokens or not state.loaded
-        if ready and self._loop is not None and not self._loop.is_closed():
+            names: list[str] = []
+            taken: list[int] = []  # their groups
+            for g, tenant in enumerate(tenants):
+                if tenant is None:
+                    continue
+                state = self._state(tenant)
+                self.stats.captured += stats.counts[g]
+                if stats.versions[g] != state.version or state.frozen:  # a commit or a freeze landed meanwhile
+                    self.stats.stale += stats.versions[g] != state.version
+                    continue
+                if self.pending.version(tenant) not in (None, stats.versions[g]):  # of a replaced basis
+                    self.stats.stale += 1
+                    self.pending.discard(tenant)
+                names.append(tenant)
+                taken.append(g)
+                n, explained = stats.counts[g].sampled, stats.explained[g]
+                state.traffic += n
+                if explained is not None and state.explained is None:
+                    state.explained = explained
+                elif explained is not None and state.explained is not None:  # a moving average by tokens
+                    state.explained += (1 - 0.5 ** (n / EXPLAINED_HALF_LIFE)) * (explained - state.explained)
+            self.pending.add(names, taken, stats, load, now)
+            for tenant in names:
+                wake |= self.pending.tokens(tenant) >= self.config.min_tokens or not self.tenants[tenant].loaded
+        if wake and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def observe(
@@ -153,8 +184,13 @@ class Adapter:
     ) -> None:
         """Takes one tenant's tokens: `inputs` L x (n, D) routed with `bases` (L, E, D) of `version`; `load`
         (L, E) counts them per expert. The engine captures a whole forward's tenants at once instead."""
-        if self.accepts(tenant, version):
-            self.take(tenant, capture(bases, inputs, version, self.config.capture), load)
+        if not self.accepts(tenant, version):
+            return
+        n = inputs[0].shape[0]
+        one, every = torch.zeros(1, dtype=torch.long), torch.ones(1, n, dtype=torch.bool)
+        x = [layer[None] for layer in inputs]
+        stats = capture_groups(bases[None], one, x, every, one, [version], self.config.capture)
+        self.take([tenant], stats, load[None])
 
     # -- engine thread, sync mode ------------------------------------------------------------------
 
@@ -224,7 +260,7 @@ class Adapter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with self._lock:
-            tenants = [t for t, s in self.tenants.items() if s.pending is not None and s.loaded]
+            tenants = [t for t in self.pending.tenants() if self.tenants[t].loaded]
         try:
             for tenant in tenants:
                 await self._publish(tenant)
@@ -234,23 +270,19 @@ class Adapter:
 
     def _take(self, tenant: str) -> StatisticsBatch | None:
         """The tenant's pending statistics as one batch, removed from pending. Under `_lock`."""
-        state = self.tenants[tenant]
-        if state.pending is None or state.pending.tokens == 0:
+        taken = self.pending.take(tenant)
+        if taken is None:
             return None
-        assert state.load is not None and state.first_seen is not None
-        batch = StatisticsBatch(tenant, state.pending, state.load, state.first_seen)
-        state.pending, state.load, state.first_seen = None, None, None
-        return batch
+        stats, load, first_seen = taken
+        return StatisticsBatch(tenant, stats, load, first_seen) if stats.tokens else None
 
     def _put_back(self, batch: StatisticsBatch) -> None:
         """Returns an unpublished batch to pending (statistics add up, so this stays bounded). Under `_lock`."""
         state = self.tenants[batch.tenant]
-        if batch.version != state.version or (state.pending is not None and state.pending.version != batch.version):
+        if batch.version != state.version or not self.pending.put_back(
+            batch.tenant, batch.stats, batch.load, batch.first_seen
+        ):
             self.stats.stale += 1
-            return
-        state.pending = batch.stats if state.pending is None else batch.stats + state.pending
-        state.load = batch.load if state.load is None else batch.load + state.load
-        state.first_seen = min(batch.first_seen, state.first_seen or batch.first_seen)
 
     async def _publish(self, tenant: str) -> None:
         with self._lock:
@@ -271,7 +303,7 @@ class Adapter:
             await self._wakeup.wait()
             self._wakeup.clear()
             with self._lock:
-                due = [t for t, s in self.tenants.items() if self._due(s)]
+                due = [t for t, s in self.tenants.items() if self._due(t, s)]
             for tenant in due:
                 try:
                     await self.ensure_loaded(tenant)
@@ -286,12 +318,12 @@ class Adapter:
                 await asyncio.sleep(self.config.poll_interval)
                 self._wakeup.set()
 
-    def _due(self, state: TenantState) -> bool:
+    def _due(self, tenant: str, state: TenantState) -> bool:
         if not state.loaded:
             return True
         if self.syncing:
             return state.sync_bases is not None
-        return state.pending is not None and state.pending.tokens >= self.config.min_tokens
+        return self.pending.tokens(tenant) >= self.config.min_tokens
 
     async def _commit_synced(self, tenant: str) -> bool:
         """Sync mode: commits the copy of the tenant's row that the engine handed over; True when committed."""
@@ -394,7 +426,7 @@ class Adapter:
             for tenant in tenants:
                 try:
                     versions = await self.store.versions(self.model, tenant)
-                    self._configured(self.tenants[tenant], await self.store.settings(self.model, tenant))
+                    self._configured(tenant, self.tenants[tenant], await self.store.settings(self.model, tenant))
                     self.store_ok = True
                 except Exception:
                     self._store_failed("polling versions")
@@ -420,12 +452,13 @@ class Adapter:
         self.store_ok = False
         self.stats.store_errors += 1
 
-    def _configured(self, state: TenantState, settings: dict[str, str]) -> None:
+    def _configured(self, tenant: str, state: TenantState, settings: dict[str, str]) -> None:
         with self._lock:
             if "frozen" in settings:
                 state.frozen = settings["frozen"] == "true"
                 if state.frozen:
-                    state.pending, state.load, state.first_seen = None, None, None
+                    state.load, state.first_seen = None, None
+                    self.pending.discard(tenant)
             if "learning_rate" in settings:
                 state.learning_rate = float(settings["learning_rate"])
 
@@ -442,7 +475,7 @@ class Adapter:
         except Exception:  # keep serving what is cached; the next request or the worker tries again
             self._store_failed(f"loading {tenant}")
             return state
-        self._configured(state, settings)
+        self._configured(tenant, state, settings)
         with self._lock:
             if not state.loaded and snapshot is not None and snapshot.version > state.version:
                 self._adopt(tenant, state, snapshot)
@@ -464,7 +497,7 @@ class Adapter:
     async def flush(self) -> None:
         """Folds every tenant's statistics observed so far into committed versions (or refused steps)."""
         with self._lock:
-            tenants = [t for t, s in self.tenants.items() if s.pending is not None or s.sync_bases is not None]
+            tenants = [t for t, s in self.tenants.items() if t in self.pending or s.sync_bases is not None]
         for tenant in tenants:
             await (self._commit_synced(tenant) if self.syncing else self.step(tenant))
 
@@ -484,7 +517,7 @@ class Adapter:
             handled = await self.store.applied(self.model, tenant, ids)
             self.stats.batches["duplicate"] += len(handled)
             todo = [b for b in batches if b.id not in handled]
-            self._configured(state, await self.store.settings(self.model, tenant))
+            self._configured(tenant, state, await self.store.settings(self.model, tenant))
             with self._lock:
                 current = self.trained if state.bases is None else state.bases
                 version, lr, frozen = state.version, state.learning_rate, state.frozen
@@ -534,11 +567,26 @@ class Adapter:
         self, tenant: str, state: TenantState, snapshot: Snapshot, tokens: int = 0, publish: bool = True
     ) -> None:
         state.version, state.bases, state.updated = snapshot.version, snapshot.bases, snapshot.created
+        state.drift = max(projection_distance(v, t) for v, t in zip(snapshot.bases, self.trained, strict=True))
         state.tokens_seen += tokens
-        if state.pending is not None and state.pending.version != snapshot.version:
-            state.pending, state.load, state.first_seen = None, None, None
+        if self.pending.version(tenant) not in (None, snapshot.version):
+            self.pending.discard(tenant)
         if publish:
             self.bank.publish(tenant, snapshot.bases, snapshot.version)
+
+    def health(self, top: int) -> list[TenantHealth]:
+        """Drift and explained variance of the `top` tenants by traffic, and of the rest as one "other"
+        (largest drift, traffic-weighted explained variance): a bounded set for the metrics."""
+        with self._lock:
+            ranked = sorted(self.tenants.items(), key=lambda item: -item[1].traffic)
+            rows = [TenantHealth(t, s.drift, s.explained) for t, s in ranked[:top]]
+            rest = [s for _, s in ranked[top:]]
+        if rest:
+            seen = [s for s in rest if s.explained is not None and s.traffic]
+            total = sum(s.traffic for s in seen)
+            explained = sum(s.traffic * (s.explained or 0.0) for s in seen) / total if total else None
+            rows.append(TenantHealth(OTHER_TENANTS, max(s.drift for s in rest), explained))
+        return rows
 
     # -- API ---------------------------------------------------------------------------------------
 
@@ -567,7 +615,7 @@ class Adapter:
             settings["learning_rate"] = repr(learning_rate)
         if settings:
             await self.store.configure(self.model, tenant, settings)
-            self._configured(state, settings)
+            self._configured(tenant, state, settings)
 
     async def rollback(self, tenant: str, version: int | None) -> int:
         """Commits, as a new version, the bases of `version` (None: the previous one; 0: the trained
@@ -592,7 +640,8 @@ class Adapter:
             self.stats.commits_lost += 1
             raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")
         with self._lock:
-            state.pending, state.load, state.first_seen = None, None, None
+            state.load, state.first_seen = None, None
+            self.pending.discard(tenant)
             self._adopt(tenant, state, restored)
         self.stats.rollbacks += 1
         return restored.version

@@ -62,6 +62,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     dtype = resolve_dtype(settings.dtype, device)
     task = _task_of(directory)
     model, tokenizer = load_model(directory, task, device, dtype)
+    metrics.observe_alignment(name, model.router_alignment())
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype)
     adapter = None
@@ -127,7 +128,9 @@ def create_app(settings: Settings) -> FastAPI:
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
-        metrics.watch_adapters(lambda: [(n, m.adapter.stats) for n, m in state.models.items() if m.adapter])
+        metrics.watch_adapters(
+            lambda: [(n, m.adapter) for n, m in state.models.items() if m.adapter], settings.metrics_top_tenants
+        )
         state.ready = True
         log.info("serving %s", ", ".join(f"{n} ({m.task})" for n, m in state.models.items()))
         try:

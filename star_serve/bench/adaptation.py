@@ -291,6 +291,7 @@ async def _adapt_classifier(
 
     try:
         await asyncio.gather(*(send(tenant, passes) for tenant, passes in traffic.items()))
+        engine.stop()  # its last forwards are captured
         await _settle(adapter, bank, list(traffic))
     finally:
         engine.stop()

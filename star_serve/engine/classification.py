@@ -16,7 +16,8 @@ from transformers import PreTrainedTokenizerBase
 from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForSequenceClassification
 from ..model.inputs import pad_right
-from .observe import observe, route
+from .load import ExpertLoad
+from .observe import Observer, route
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ class ClassificationEngine:
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step, self.adapter = on_step, adapter
+        self._observer = None if adapter is None else Observer(adapter, model.config.num_local_experts)
         self.device = next(model.parameters()).device
+        self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.max_context = min(model.config.max_position_embeddings, config.max_input_tokens)
         self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         self._pending: queue.Queue[_Item] = queue.Queue(maxsize=config.max_waiting)
@@ -84,6 +87,8 @@ class ClassificationEngine:
         self._stopping = self.draining = True
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self._observer is not None:
+            self._observer.close()  # the last forwards' statistics reach the adapter
         while True:
             try:
                 item = self._pending.get_nowait()
@@ -97,7 +102,7 @@ class ClassificationEngine:
         return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=0, waiting=self._pending.qsize())
+        return EngineStats(0, self._pending.qsize(), self.expert_load.snapshot())
 
     async def classify(self, texts: list[str], tenant: str, return_routing: bool = False) -> list[ClassificationResult]:
         if self.draining:
@@ -137,20 +142,20 @@ class ClassificationEngine:
         ids, mask = pad_right([item.ids for item in batch], self.tokenizer.pad_token_id or 0)
         tenants, lengths = [item.tenant for item in batch], [len(item.ids) for item in batch]
         view, update = route(self.bank, self.adapter, tenants, lengths)
-        adapting = self.adapter is not None and view.bank is not None
-        want_routing = adapting or any(item.return_routing for item in batch)
+        observer = self._observer if view.bank is not None else None
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             router_bank=view.bank,
             tenant_index=view.index,
-            output_routing=want_routing,
+            output_routing=True,  # the routers' choices are made anyway: returning them is free
             router_update=update,
         )
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
-        if adapting:
-            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts, update)
+        self.expert_load.add(out.expert_indices, mask)
+        if observer is not None:
+            observer.submit(tenants, lengths, view, out, update)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

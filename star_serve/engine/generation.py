@@ -23,7 +23,8 @@ from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
-from .observe import observe, route
+from .load import ExpertLoad
+from .observe import Observer, route
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -126,7 +127,9 @@ class GenerationEngine:
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step, self.adapter = on_step, adapter
+        self._observer = None if adapter is None else Observer(adapter, model.config.num_local_experts)
         self.device = next(model.parameters()).device
+        self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self.max_context = model.config.max_position_embeddings
         self.cache = SlotKVCache(
@@ -152,13 +155,15 @@ class GenerationEngine:
             self._wakeup.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
+        if self._observer is not None:
+            self._observer.close()  # the last forwards' statistics reach the adapter
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._running), waiting=len(self._waiting))
+        return EngineStats(len(self._running), len(self._waiting), self.expert_load.snapshot())
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.max_context:
@@ -280,13 +285,14 @@ class GenerationEngine:
 
     def _forward(self, batch: list[_Sequence], prefill: bool) -> None:
         if prefill:
-            ids, _ = pad_right([s.prompt_ids for s in batch], self.tokenizer.pad_token_id or 0)
+            ids, real = pad_right([s.prompt_ids for s in batch], self.tokenizer.pad_token_id or 0)
             starts = torch.zeros(len(batch), dtype=torch.long)
             last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
         else:
             ids = torch.tensor([[s.generated[-1]] for s in batch])
             starts = torch.tensor([s.length - 1 for s in batch])
             last = torch.zeros(len(batch), dtype=torch.long)
+            real = torch.ones(len(batch), 1, dtype=torch.bool)
         tenants = [s.tenant for s in batch]
         lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]  # real tokens in this forward
         view, update = route(self.bank, self.adapter, tenants, lengths)
@@ -295,8 +301,7 @@ class GenerationEngine:
                 s.version = version
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
-        adapting = self.adapter is not None and view.bank is not None
-        want_routing = adapting or any(s.return_routing for s in batch)
+        observer = self._observer if view.bank is not None else None
         out = self.backbone(
             input_ids=ids.to(self.device),
             position_ids=positions,
@@ -305,7 +310,7 @@ class GenerationEngine:
             use_cache=True,
             router_bank=view.bank,
             tenant_index=view.index,
-            output_routing=want_routing,
+            output_routing=True,  # the routers' choices are made anyway: returning them is free
             router_update=update,
         )
         if self.on_step is not None:
@@ -313,10 +318,11 @@ class GenerationEngine:
             self.on_step(StepStats(phase, len(batch), int(ids.numel())))
         rows = torch.arange(len(batch), device=self.device)
         next_logits = self.lm_head(out.last_hidden_state[rows, last.to(self.device)])  # (B, V): last positions only
-        if want_routing:
+        self.expert_load.add(out.expert_indices, real)
+        if any(s.return_routing for s in batch):
             self._count_routing(batch, out.expert_indices, lengths)
-        if adapting:
-            observe(self.adapter, tenants, lengths, view, out, self.model.config.num_local_experts, update)
+        if observer is not None:
+            observer.submit(tenants, lengths, view, out, update)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:

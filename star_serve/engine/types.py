@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -56,6 +58,7 @@ class EngineStats:
 
     running: int = 0
     waiting: int = 0
+    expert_load: tuple[torch.Tensor, torch.Tensor] | None = None  # (total, recent), each (L, E), on the host
 
 
 class EngineError(Exception):

@@ -216,6 +216,25 @@ class StarMoePreTrainedModel(PreTrainedModel):
             raise ValueError(f"router_type {self.config.router_type!r} has no GHA subspace")
         return torch.stack([r.basis.detach().float() for r in routers])
 
+    def router_alignment(self) -> list[float | None]:
+        """Per MoE layer, the mean |cosine| between each linear-gate row and its expert's principal input
+        direction (the top right-singular vector of the expert's gate and up projections): 1 when every
+        router row points where its expert is most sensitive. None for a layer without a linear gate."""
+        backbone = self.base_model
+        assert isinstance(backbone, StarMoeModel)
+        alignment: list[float | None] = []
+        for layer in backbone.decoder_layers():
+            router, experts = layer.mlp.router, layer.mlp.experts
+            if getattr(router, "weight", None) is None:
+                alignment.append(None)
+                continue
+            w = experts.gate_up_proj.detach().float()  # (E, 2F, D)
+            _, vectors = torch.linalg.eigh(w.transpose(1, 2) @ w)  # (E, D, D), eigenvalues ascending
+            principal = vectors[..., -1]  # (E, D)
+            rows = router.weight.detach().float()  # (E, D)
+            alignment.append(float(F.cosine_similarity(rows, principal, dim=-1).abs().mean()))
+        return alignment
+
 
 class StarMoeModel(StarMoePreTrainedModel):
     def __init__(self, config: StarMoeConfig) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from star_serve.adaptation.capture import CaptureConfig, capture, capture_groups, expert_load
-from star_serve.model import gha_statistics, orthonormalize
+from star_serve.model import explained_variance, gha_statistics, orthonormalize
 
 L, E, D, N = 2, 4, 16, 50
 
@@ -84,7 +85,8 @@ def test_one_pass_over_a_batch_equals_each_tenant_captured_alone() -> None:
     inputs[0][1, 2, 0] = float("nan")  # tenant 1's third token is rejected at every layer
     inputs[1][0, 6, :] = float("nan")  # padding: never looked at
     config = CaptureConfig(max_token_norm=1e9)
-    together = capture_groups(bank, rows, inputs, real, groups, [4, 9], config)
+    forward = capture_groups(bank, rows, inputs, real, groups, [4, 9], config)
+    together = [forward.group(0), forward.group(1)]
 
     alone_a = capture(bank[2], [torch.cat([x[0, :5], x[2, :3]]) for x in inputs], 4, config)
     alone_b = capture(bank[1], [x[1, :7] for x in inputs], 9, config)
@@ -102,7 +104,8 @@ def test_a_tenants_budget_spans_its_sequences_in_order() -> None:
     real = torch.ones(3, 40, dtype=torch.bool)
     groups = torch.tensor([0, 1, 0])
     config = CaptureConfig(max_tokens_per_batch=50, max_token_norm=1e9)
-    a, b = capture_groups(_bases()[None], torch.zeros(3, dtype=torch.long), inputs, real, groups, [0, 0], config)
+    forward = capture_groups(_bases()[None], torch.zeros(3, dtype=torch.long), inputs, real, groups, [0, 0], config)
+    a, b = forward.group(0), forward.group(1)
     assert (a.tokens, a.counts.dropped, b.tokens, b.counts.dropped) == (50, 30, 40, 0)
     first_fifty = capture(_bases(), [torch.cat([x[0], x[2, :10]]) for x in inputs], 0, config)
     torch.testing.assert_close(a.layers[1].s1, first_fifty.layers[1].s1)
@@ -114,3 +117,19 @@ def test_expert_load_counts_each_tenants_real_tokens() -> None:
     load = expert_load(indices, real, torch.tensor([1, 0]), num_groups=2, num_experts=E)
     assert load.shape == (2, L, E)
     assert load[1, 0].tolist() == [1, 1, 1, 1] and load[0, 1].tolist() == [0, 2, 0, 0]
+
+
+def test_explained_variance_of_each_group_is_the_models_measure() -> None:
+    bank = torch.stack([_bases(0), _bases(1)])
+    inputs = [torch.randn(2, 6, D) for _ in range(L)]
+    real = torch.ones(2, 6, dtype=torch.bool)
+    forward = capture_groups(
+        bank, torch.tensor([0, 1]), inputs, real, torch.tensor([0, 1]), [0, 0], CaptureConfig(max_token_norm=1e9)
+    )
+    for g in range(2):
+        want = sum(explained_variance(bank[g, layer], inputs[layer][g]) for layer in range(L)) / L
+        assert forward.explained[g] == pytest.approx(want, rel=1e-5)
+    nobody = capture_groups(
+        bank, torch.tensor([0, 1]), inputs, real & False, torch.tensor([0, 1]), [0, 0], CaptureConfig()
+    )
+    assert nobody.explained == [None, None]
