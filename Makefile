@@ -29,6 +29,10 @@ test: setup
 bench: setup
 	$(BIN)/star-serve bench serving --out bench-results
 
+.PHONY: chaos
+chaos: setup
+	$(BIN)/python -m pytest -q -m chaos tests/e2e/test_e2e_chaos.py
+
 .PHONY: bench-adaptation
 bench-adaptation: setup
 	$(BIN)/star-serve bench adaptation --out bench-results
