@@ -40,7 +40,6 @@ class Observer:
     def __init__(self, adapter: Adapter, num_experts: int, depth: int = 8) -> None:
         self.adapter, self.num_experts, self.depth = adapter, num_experts, depth
         self._waiting: deque[_Forward] = deque()
-        self._busy = False
         self._closed = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
@@ -81,7 +80,6 @@ class Observer:
                     return
                 forwards = list(self._waiting)
                 self._waiting.clear()
-                self._busy = True
                 self._changed.notify_all()
             try:
                 with torch.inference_mode():
@@ -89,10 +87,6 @@ class Observer:
                         _capture(self.adapter, forward, self.num_experts)
             except Exception:
                 log.exception("capturing a forward's statistics failed; its tokens do not count")
-            finally:
-                with self._changed:
-                    self._busy = False
-                    self._changed.notify_all()
 
 
 @dataclass
