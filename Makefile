@@ -46,3 +46,11 @@ typecheck: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+
+# Load and soak runs start a server of their own (the demo models) on a free port; see load_tests/README.md.
+.PHONY: load soak
+load: setup
+	$(BIN)/python -m load_tests.run --users 32 --duration 60 --out load-results
+
+soak: setup
+	$(BIN)/python -m load_tests.soak --tokens 1000000 --out soak-results

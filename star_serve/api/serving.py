@@ -158,6 +158,7 @@ class GenerationCall:
             if watcher in done:
                 self.cancel()
                 work.cancel()
+                await asyncio.gather(work, return_exceptions=True)  # its cancellation, retrieved
                 self._record("disconnected")
                 raise ClientDisconnected("client disconnected")
             work.result()

@@ -1,0 +1,1 @@
+"""Load and soak tests that drive a real `star-serve serve` process over HTTP (see README.md here)."""
