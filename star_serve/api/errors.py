@@ -76,7 +76,7 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         counted(type_)
-        return _response(exc.status_code, str(exc.detail), type_)
+        return _response(exc.status_code, str(exc.detail), type_, **(exc.headers or {}))  # 405's Allow
 
     @app.exception_handler(CommitConflict)
     async def conflict(_: Request, exc: CommitConflict) -> JSONResponse:

@@ -34,15 +34,30 @@ from .schemas import (
 from .serving import GenerationCall, classify
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 429, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 429, 503)
 }
+# A streamed generation answers with server-sent events, each `data: <chunk JSON>`, the last `data: [DONE]`.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            }
+        }
+    }
+}
+UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Loading, draining, or an engine stopped."}}
 
 health = APIRouter(tags=["health"])
 inference = APIRouter(prefix="/v1", tags=["inference"], responses=ERRORS)
 admin = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
 
 
-@health.get("/health")
+@health.get("/health", responses=UNAVAILABLE)
 async def get_health(state: State) -> JSONResponse:
     """Liveness: the process and its engine loops are alive. Never looks at the store."""
     dead = [name for name, m in state.models.items() if state.ready and not m.engine.alive]
@@ -51,7 +66,7 @@ async def get_health(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@health.get("/ready")
+@health.get("/ready", responses=UNAVAILABLE)
 async def get_ready(state: State) -> JSONResponse:
     """Readiness: models loaded and not draining."""
     if state.draining:
@@ -78,14 +93,14 @@ async def list_models(state: State, _: CurrentPrincipal) -> ModelList:
     )
 
 
-@inference.post("/completions", response_model=CompletionResponse)
+@inference.post("/completions", response_model=CompletionResponse, responses=STREAMED)
 async def create_completion(
     body: CompletionRequest, request: Request, state: State, principal: CurrentPrincipal
 ) -> Response | CompletionResponse | ChatCompletionResponse:
     return await _generate(body, request, state, principal)
 
 
-@inference.post("/chat/completions", response_model=ChatCompletionResponse)
+@inference.post("/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: State, principal: CurrentPrincipal
 ) -> Response | CompletionResponse | ChatCompletionResponse:

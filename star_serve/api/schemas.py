@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _encodable(text: str) -> str:
+    """JSON lets a lone UTF-16 surrogate through (`"\\ud800"`); no tokenizer takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: {e.reason} at position {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class StreamOptions(BaseModel):
@@ -45,7 +57,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] = Field(..., description="One prompt, or a list of prompts.")
+    prompt: Text | list[Text] = Field(..., description="One prompt, or a list of prompts.")
 
     @field_validator("prompt")
     @classmethod
@@ -60,12 +72,12 @@ class CompletionRequest(_SamplingRequest):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -138,7 +150,7 @@ class ChatCompletionResponse(BaseModel):
 
 class ClassifyRequest(BaseModel):
     model: str = Field(..., min_length=1, max_length=256)
-    input: str | list[str] = Field(..., description="One text, or a list of texts.")
+    input: Text | list[Text] = Field(..., description="One text, or a list of texts.")
     return_routing: bool = False
 
     @field_validator("input")
