@@ -555,7 +555,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, Path):
-        return str(value)
+        return value.name  # the model's or the output's name: a report does not carry this machine's paths
     if isinstance(value, Guardrails):
         return dict(value.__dict__)
     if isinstance(value, tuple):

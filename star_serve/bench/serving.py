@@ -149,7 +149,7 @@ def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = prin
     prompts = _prompts(cfg.requests)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
+        "config": {k: v.name if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},  # no machine paths
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": name, "dtype": str(dtype)},
     }
     log(f"transformers generate, one request at a time ({cfg.requests} requests)")
