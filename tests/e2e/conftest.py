@@ -40,6 +40,7 @@ from .support import (
     NUM_LAYERS,
     Checkpoints,
     Launcher,
+    RedisProcess,
     Server,
     free_port,
 )
@@ -141,3 +142,12 @@ def server(launch: Launcher) -> Server:
     answers across requests (streamed vs not, batched vs alone, same seed), which only holds when every
     answer comes from the same bases; adaptation has its own servers in test_e2e_adaptation.py."""
     return launch(env={"STAR_ADAPTATION": "off"})
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, with an append-only file, that the test may stop and restart."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -8,8 +8,6 @@ import asyncio
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -18,8 +16,7 @@ import redis
 from star_serve.adaptation.bus import RedisStatisticsBus, StatisticsBatch
 from star_serve.adaptation.redis_store import RedisSnapshotStore
 
-from .support import LM_NAME, Launcher, Server, wait_until
-from .test_e2e_redis_outage import RedisProcess
+from .support import LM_NAME, Launcher, RedisProcess, Server, wait_until
 
 pytestmark = pytest.mark.chaos
 
@@ -103,29 +100,21 @@ def _stored(url: str) -> dict[str, list[int]]:
     return asyncio.run(read())
 
 
-@pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-def test_redis_killed_and_restarted_under_load(launch: Launcher, aof_redis: RedisProcess) -> None:
-    server = launch(env={"STAR_REDIS_URL": aof_redis.url, **ADAPTING})
+def test_redis_killed_and_restarted_under_load(launch: Launcher, own_redis: RedisProcess) -> None:
+    server = launch(env={"STAR_REDIS_URL": own_redis.url, **ADAPTING})
     load = Load(server)
     try:
         wait_until(lambda: min(_versions(server).values()) >= 2, 90, "every tenant at version 2")
         acknowledged = _versions(server)  # committed: the store said so before the server reported them
 
-        assert aof_redis.proc is not None
-        aof_redis.proc.send_signal(signal.SIGKILL)
-        aof_redis.proc.wait(timeout=10)
+        assert own_redis.proc is not None
+        own_redis.proc.send_signal(signal.SIGKILL)
+        own_redis.proc.wait(timeout=10)
         wait_until(lambda: server.http.get("/ready").json()["store"] == "degraded", 30, "/ready degraded")
         during = load.count()
         wait_until(lambda: load.count() >= during + 8, 60, "requests answered while Redis is down")
 
-        aof_redis.start()  # the same append-only file
+        own_redis.start()  # the same append-only file
         wait_until(lambda: server.http.get("/ready").json()["store"] == "ok", 60, "/ready ok again")
         wait_until(
             lambda: all(_versions(server)[t] > acknowledged[t] for t in TENANTS), 90, "commits after the restart"
@@ -134,7 +123,7 @@ def test_redis_killed_and_restarted_under_load(launch: Launcher, aof_redis: Redi
         outcomes = load.stop()
 
     assert set(outcomes) == {200}, outcomes  # serving never failed
-    stored = _stored(aof_redis.url)
+    stored = _stored(own_redis.url)
     for tenant in TENANTS:
         assert stored[tenant] == list(range(1, stored[tenant][-1] + 1))  # no version lost, none skipped
         assert stored[tenant][-1] >= acknowledged[tenant]
@@ -142,8 +131,8 @@ def test_redis_killed_and_restarted_under_load(launch: Launcher, aof_redis: Redi
         assert versions == sorted(versions)  # what a client is served never goes back
 
 
-def test_server_killed_under_load_restarts_on_its_latest_versions(launch: Launcher, aof_redis: RedisProcess) -> None:
-    env = {"STAR_REDIS_URL": aof_redis.url, **ADAPTING}
+def test_server_killed_under_load_restarts_on_its_latest_versions(launch: Launcher, own_redis: RedisProcess) -> None:
+    env = {"STAR_REDIS_URL": own_redis.url, **ADAPTING}
     first = launch(env=env)
     load = Load(first)
     try:
@@ -151,11 +140,11 @@ def test_server_killed_under_load_restarts_on_its_latest_versions(launch: Launch
         first.kill()  # SIGKILL: no drain, no hand-over of pending statistics
     finally:
         load.stop()
-    client = redis.Redis.from_url(aof_redis.url)
+    client = redis.Redis.from_url(own_redis.url)
     bus = RedisStatisticsBus(client, LM_NAME)  # type: ignore[arg-type]  # only its key names are used
     left = sum(client.xlen(bus.stream(p)) for p in range(bus.partitions))  # published, not yet acknowledged
 
-    committed = _stored(aof_redis.url)  # every version loads and verifies: nothing corrupt
+    committed = _stored(own_redis.url)  # every version loads and verifies: nothing corrupt
 
     second = launch(env=env)
     for tenant in TENANTS:  # served from the start: the latest committed version, or a newer one
@@ -169,20 +158,20 @@ def test_server_killed_under_load_restarts_on_its_latest_versions(launch: Launch
         60,
         f"the {left} batches left in the streams applied and acknowledged",
     )
-    stored = _stored(aof_redis.url)
+    stored = _stored(own_redis.url)
     assert _versions(second) == {t: stored[t][-1] for t in TENANTS}
     client.close()
 
 
 def test_a_worker_dying_between_read_and_ack_leaves_its_entries_to_be_applied_once(
-    launch: Launcher, aof_redis: RedisProcess
+    launch: Launcher, own_redis: RedisProcess
 ) -> None:
-    client = redis.Redis.from_url(aof_redis.url)
+    client = redis.Redis.from_url(own_redis.url)
     bus = RedisStatisticsBus(client, LM_NAME)  # type: ignore[arg-type]  # only its key names are used
     partition = bus.partition("north")
     client.set(bus.lease(partition), "dead-worker", px=40_000)  # a worker takes the lease, as a replica does,
     client.xgroup_create(bus.stream(partition), RedisStatisticsBus.GROUP, id="0", mkstream=True)  # ...
-    server = launch(env={"STAR_REDIS_URL": aof_redis.url, **ADAPTING})
+    server = launch(env={"STAR_REDIS_URL": own_redis.url, **ADAPTING})
 
     stream = bus.stream(partition)
     load = Load(server, clients=2)
