@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
     adaptation_min_tokens: int = Field(512, ge=1, description="Tokens of statistics that make one GHA step.")
+    adaptation_min_interval: float = Field(
+        1.0, ge=0, description="Seconds between a tenant's GHA steps at least, however busy it is."
+    )
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
     )

@@ -52,6 +52,7 @@ class AdaptationConfig:
     mode: Literal["async", "sync", "off"] = "async"
     learning_rate: float = 0.05  # default test-time learning rate of a tenant
     min_tokens: int = 512  # statistics of at least this many tokens make a batch (and a step)
+    min_interval: float = 1.0  # seconds between a tenant's batches: bounds a busy tenant's commit rate
     max_staleness: int = 4  # versions: batches taken against an older basis are dropped, not applied
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
@@ -68,6 +69,7 @@ class TenantState:
     tokens_seen: int = 0
     updated: float | None = None
     traffic: int = 0  # tokens captured here, for ranking tenants in the metrics
+    published: float = -math.inf  # monotonic time of the tenant's last batch from here
     drift: float = 0.0  # largest projection distance of a layer's basis from the trained one
     explained: float | None = None  # recent share of the tenant's router-input energy in its subspace
     load: torch.Tensor | None = None  # sync mode: (L, E) tokens per expert since the last commit
@@ -273,6 +275,7 @@ class Adapter:
         taken = self.pending.take(tenant)
         if taken is None:
             return None
+        self.tenants[tenant].published = time.monotonic()
         stats, load, first_seen = taken
         return StatisticsBatch(tenant, stats, load, first_seen) if stats.tokens else None
 
@@ -300,7 +303,8 @@ class Adapter:
     async def _publish_due(self) -> None:
         """Sends each tenant's statistics to the bus once they make a batch; loads first-seen tenants."""
         while True:
-            await self._wakeup.wait()
+            with contextlib.suppress(TimeoutError):  # a batch held back by `min_interval` falls due
+                await asyncio.wait_for(self._wakeup.wait(), self._until_due())
             self._wakeup.clear()
             with self._lock:
                 due = [t for t, s in self.tenants.items() if self._due(t, s)]
@@ -318,12 +322,26 @@ class Adapter:
                 await asyncio.sleep(self.config.poll_interval)
                 self._wakeup.set()
 
+    def _until_due(self) -> float | None:
+        """Seconds until the first batch held back only by `min_interval` falls due; None when none is."""
+        if self.syncing:
+            return None
+        with self._lock:
+            ready = [
+                s.published + self.config.min_interval
+                for t, s in self.tenants.items()
+                if s.loaded and self.pending.tokens(t) >= self.config.min_tokens
+            ]
+        return max(0.0, min(ready) - time.monotonic()) if ready else None
+
     def _due(self, tenant: str, state: TenantState) -> bool:
         if not state.loaded:
             return True
         if self.syncing:
             return state.sync_bases is not None
-        return self.pending.tokens(tenant) >= self.config.min_tokens
+        if self.pending.tokens(tenant) < self.config.min_tokens:
+            return False
+        return time.monotonic() - state.published >= self.config.min_interval
 
     async def _commit_synced(self, tenant: str) -> bool:
         """Sync mode: commits the copy of the tenant's row that the engine handed over; True when committed."""

@@ -71,6 +71,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             mode=settings.adaptation,
             learning_rate=settings.adaptation_learning_rate,
             min_tokens=settings.adaptation_min_tokens,
+            min_interval=settings.adaptation_min_interval,
             capture=CaptureConfig(max_token_norm=settings.max_token_norm),
         )
         store: SnapshotStore

@@ -4,11 +4,13 @@ stale statistics dropped; an expert-load collapse rolls the tenant back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
+from star_serve.adaptation.bus import LocalBus, StatisticsBatch
 from star_serve.model import orthonormalize
 
 L, E, D = 2, 4, 16
@@ -66,3 +68,39 @@ def test_an_expert_load_collapse_rolls_back(tmp_path: Path) -> None:
         assert torch.equal(state.bases, adapter.trained)  # version 1's predecessor: the trained bases
 
     asyncio.run(scenario())
+
+
+class _TimedBus(LocalBus):
+    """The in-process bus, noting when each batch was published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+
+    async def publish(self, batch: StatisticsBatch) -> None:
+        self.times.append(time.monotonic())
+        await super().publish(batch)
+
+
+def test_a_busy_tenant_publishes_no_more_often_than_its_minimum_interval(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    config = AdaptationConfig(min_tokens=8, min_interval=0.5, capture=CaptureConfig(max_token_norm=1e9))
+    bus = _TimedBus()
+    adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus)
+
+    async def scenario() -> None:
+        adapter.start()
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0)  # a batch's worth: published at once
+        deadline = time.monotonic() + 10
+        while adapter.tenants["acme"].version < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        _observe(adapter, 1)  # another at once: held back until the interval has passed
+        while len(bus.times) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await adapter.stop()
+
+    asyncio.run(scenario())
+    assert len(bus.times) == 2 and bus.times[1] - bus.times[0] >= 0.5
