@@ -130,18 +130,29 @@ def capture_groups(
     )
 
 
-def capture(
+def capture_one(
     bases: torch.Tensor,  # (L, E, D): the basis version that served these tokens
     router_inputs: list[torch.Tensor],  # L x (N, D): the same N tokens at every layer
     version: int,
     config: CaptureConfig,
     generator: torch.Generator | None = None,
-) -> LayerStatistics:
-    """The statistics of one tenant's tokens, against `bases`."""
+) -> ForwardStatistics:
+    """The statistics of one tenant's tokens, against `bases`, as a single group."""
     n = router_inputs[0].shape[0]
     inputs = [x[None] for x in router_inputs]  # one sequence of N tokens
     one, every = torch.zeros(1, dtype=torch.long), torch.ones(1, n, dtype=torch.bool)
-    return capture_groups(bases[None], one, inputs, every, one, [version], config, generator).group(0)
+    return capture_groups(bases[None], one, inputs, every, one, [version], config, generator)
+
+
+def capture(
+    bases: torch.Tensor,
+    router_inputs: list[torch.Tensor],
+    version: int,
+    config: CaptureConfig,
+    generator: torch.Generator | None = None,
+) -> LayerStatistics:
+    """The statistics of one tenant's tokens, against `bases`, on the host."""
+    return capture_one(bases, router_inputs, version, config, generator).group(0)
 
 
 def expert_load(

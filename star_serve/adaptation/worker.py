@@ -34,7 +34,7 @@ import torch
 from ..model.gha import orthogonality_defect, projection_distance
 from .bank import BankView, TenantBank
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
-from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_groups
+from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
 from .guardrails import Guardrails, guarded_step, load_entropy
 from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
@@ -188,11 +188,7 @@ class Adapter:
         (L, E) counts them per expert. The engine captures a whole forward's tenants at once instead."""
         if not self.accepts(tenant, version):
             return
-        n = inputs[0].shape[0]
-        one, every = torch.zeros(1, dtype=torch.long), torch.ones(1, n, dtype=torch.bool)
-        x = [layer[None] for layer in inputs]
-        stats = capture_groups(bases[None], one, x, every, one, [version], self.config.capture)
-        self.take([tenant], stats, load[None])
+        self.take([tenant], capture_one(bases, inputs, version, self.config.capture), load[None])
 
     # -- engine thread, sync mode ------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..adaptation.capture import expert_load
+
 
 class ExpertLoad:
     """Cumulative counts, and a recent view that halves every `half_life` tokens, per layer and expert."""
@@ -17,12 +19,9 @@ class ExpertLoad:
 
     def add(self, expert_indices: tuple[torch.Tensor, ...] | list[torch.Tensor], tokens: torch.Tensor) -> None:
         """Counts a forward's routing: `expert_indices` L x (B, S, k), of which `tokens` (B, S) are real."""
-        indices = torch.stack(list(expert_indices))  # (L, B, S, k)
-        tokens = tokens.to(indices.device, torch.bool)
-        layer = torch.arange(self.layers, device=indices.device)[:, None, None, None]
-        counted = tokens[None, :, :, None].expand_as(indices)
-        keys = (layer * self.experts + indices)[counted]
-        counts = torch.bincount(keys, minlength=self.layers * self.experts).view(self.layers, self.experts)
+        tokens = tokens.to(expert_indices[0].device, torch.bool)
+        one_group = torch.zeros(tokens.shape[0], dtype=torch.long)
+        counts = expert_load(list(expert_indices), tokens, one_group, 1, self.experts)[0]  # (L, E)
         decay = torch.pow(0.5, tokens.sum().to(self.recent) / self.half_life)  # on the device: no sync
         self.total += counts
         self.recent.mul_(decay).add_(counts)
