@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     adaptation_min_interval: float = Field(
         1.0, ge=0, description="Seconds between a tenant's GHA steps at least, however busy it is."
     )
+    adaptation_sample_rate: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Fraction of forwards whose router inputs adapt their tenants' bases (whole forwards are "
+        "sampled): the cost of adaptation against how soon a quiet tenant gathers a step's tokens.",
+    )
+    adaptation_token_budget: int = Field(
+        4096, ge=1, description="Tokens of one tenant that count from one forward at most; the rest are dropped."
+    )
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
     )

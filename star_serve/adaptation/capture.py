@@ -13,6 +13,8 @@ import torch
 
 from ..model.gha import GhaStatistics
 
+CHUNK = 16  # tokens of one group per batched product in `capture_groups`
+
 
 @dataclass(frozen=True)
 class CaptureConfig:
@@ -86,12 +88,16 @@ def capture_groups(
     config: CaptureConfig,
     generator: torch.Generator | None = None,
 ) -> ForwardStatistics:
-    """The statistics of every group's tokens of one forward, at once: a few batched products over the
-    forward's own (B, S) layout, all layers together, and one copy of the counts to the host, however many
-    groups there are."""
-    x = torch.stack(router_inputs).detach()  # (L, B, S, D)
-    layers, b, s, dim = x.shape
-    device, g = x.device, len(versions)
+    """The statistics of every group's tokens of one forward, at once, however many groups there are.
+
+    The tokens that count are gathered group by group into chunks of `CHUNK` tokens, each chunk of one
+    group, so that a few batched products over the chunks, all layers together, give every group's sums:
+    a decode step's many one-token sequences cost no more than one long sequence, and padding costs
+    nothing. A token whose norm is not finite at some layer (a non-finite input, or one so large that its
+    norm overflows) is rejected at every layer, so that N agrees across layers; the others are scaled
+    down to `max_token_norm`. One copy of the counts goes to the host."""
+    b, s = tokens.shape
+    device, g = router_inputs[0].device, len(versions)
     keep = tokens.to(device)
     groups = groups.to(device)
     if config.sample_rate < 1.0:
@@ -102,31 +108,50 @@ def capture_groups(
     before = (member * kept[:, None]).cumsum(dim=0).gather(1, groups[:, None]).squeeze(1) - kept  # (B,)
     over_budget = keep & (before[:, None] + keep.cumsum(dim=1) > config.max_tokens_per_batch)
     keep = keep & ~over_budget
-    # A token rejected (non-finite) at any layer is dropped at every layer, so that N agrees across layers.
-    rejected = keep & ~x.isfinite().all(dim=-1).all(dim=0)
-    keep = keep & ~rejected
-    x = torch.where(keep[None, :, :, None], x.float(), 0.0)
-    norms = x.norm(dim=-1, keepdim=True)
-    over = norms > config.max_token_norm  # (L, B, S, 1)
-    x = torch.where(over, x * (config.max_token_norm / norms.clamp_min(1e-12)), x)
-    clipped = over.squeeze(-1).any(dim=0)  # (B, S)
-    basis = bases[rows.to(bases.device)].to(device, torch.float32).transpose(0, 1)  # (L, B, E, D)
-    x, basis = x.reshape(layers * b, s, dim), basis.reshape(layers * b, -1, dim)
-    y = torch.bmm(x, basis.transpose(1, 2))  # (L*B, S, E)
-    s1 = torch.bmm(y.transpose(1, 2), x).view(layers, b, -1, dim)  # (L, B, E, D)
-    s2 = torch.bmm(y.transpose(1, 2), y).view(layers, b, y.shape[-1], -1)  # (L, B, E, E)
-    per_sequence = torch.stack([keep, clipped, rejected, over_budget]).sum(dim=2)  # (4, B)
-    counts = _by_group(per_sequence.T, groups, g).tolist()  # (G, 4), on the host
-    s1_groups, s2_groups = _by_group(s1.transpose(0, 1), groups, g), _by_group(s2.transpose(0, 1), groups, g)
-    energy = _by_group(x.square().sum(dim=(1, 2)).view(layers, b).T, groups, g)  # (G, L): ||X||^2
-    within = s2_groups.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # (G, L): ||X V^T||^2
-    explained = (within / energy.clamp_min(1e-12)).mean(dim=1).tolist()
+    # The tokens that count, group by group, each group's in token order.
+    sequence, position = keep.nonzero(as_tuple=True)  # (N,)
+    group = groups[sequence]
+    order = group.argsort(stable=True)
+    sequence, position, group = sequence[order], position[order], group[order]
+    x = torch.stack([layer.detach()[sequence, position] for layer in router_inputs]).float()  # (L, N, D)
+    layers, n, dim = x.shape
+    norms = torch.linalg.vector_norm(x, dim=-1)  # (L, N)
+    finite = norms.isfinite().all(dim=0)  # (N,)
+    scale = (config.max_token_norm / norms.clamp_min(1e-12)).clamp(max=1.0)  # (L, N): 1 unless clipped
+    x.mul_(scale[..., None]).masked_fill_(~finite[:, None], 0.0)  # a rejected token is zeros, then not counted
+    clipped = finite & (scale < 1.0).any(dim=0)  # (N,)
+    # Chunk c holds tokens [CHUNK * k, CHUNK * (k + 1)) of its group, zero-padded.
+    sizes = torch.bincount(group, minlength=g)  # (G,)
+    chunks = (sizes + CHUNK - 1) // CHUNK  # (G,)
+    within = torch.arange(n, device=device) - (sizes.cumsum(0) - sizes)[group]
+    chunk = (chunks.cumsum(0) - chunks)[group] + within // CHUNK
+    num_chunks = int(chunks.sum())
+    packed = x.new_zeros(layers, num_chunks, CHUNK, dim)
+    packed[:, chunk, within % CHUNK] = x
+    chunk_group = torch.repeat_interleave(torch.arange(g, device=device), chunks)  # (C,)
+    group_row = torch.zeros(g, dtype=torch.long, device=device).scatter_(0, groups, rows.to(device))  # (G,)
+    basis = bases[group_row[chunk_group].to(bases.device)].to(device, torch.float32).transpose(0, 1)  # (L, C, E, D)
+    e = bases.shape[-2]
+    packed, basis = packed.view(layers * num_chunks, CHUNK, dim), basis.reshape(layers * num_chunks, e, dim)
+    y = torch.bmm(packed, basis.transpose(1, 2))  # (L*C, CHUNK, E)
+    s1 = torch.bmm(y.transpose(1, 2), packed).view(layers, num_chunks, e, dim)  # (L, C, E, D)
+    s2 = torch.bmm(y.transpose(1, 2), y).view(layers, num_chunks, e, e)  # (L, C, E, E)
+    s1_groups = _by_group(s1.transpose(0, 1), chunk_group, g)  # (G, L, E, D)
+    s2_groups = _by_group(s2.transpose(0, 1), chunk_group, g)  # (G, L, E, E)
+    energy = _by_group(torch.where(finite, norms * scale, 0.0).square().T, group, g)  # (G, L): ||X||^2
+    within_subspace = s2_groups.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # (G, L): ||X V^T||^2
+    explained = (within_subspace / energy.clamp_min(1e-12)).mean(dim=1)  # (G,)
+    per_token = torch.stack([finite, clipped, ~finite]).long().T  # (N, 3): sampled, clipped, rejected
+    counts = torch.cat(
+        [_by_group(per_token, group, g), _by_group(over_budget.sum(dim=1), groups, g)[:, None], explained[:, None]],
+        dim=1,
+    ).tolist()  # (G, 5), on the host
     return ForwardStatistics(
         s1_groups,
         s2_groups,
-        [CaptureCounts(*c) for c in counts],
+        [CaptureCounts(*map(int, c[:4])) for c in counts],
         list(versions),
-        [e if c[0] else None for e, c in zip(explained, counts, strict=True)],
+        [c[4] if c[0] else None for c in counts],
     )
 
 

@@ -72,7 +72,11 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             learning_rate=settings.adaptation_learning_rate,
             min_tokens=settings.adaptation_min_tokens,
             min_interval=settings.adaptation_min_interval,
-            capture=CaptureConfig(max_token_norm=settings.max_token_norm),
+            capture=CaptureConfig(
+                sample_rate=settings.adaptation_sample_rate,
+                max_token_norm=settings.max_token_norm,
+                max_tokens_per_batch=settings.adaptation_token_budget,
+            ),
         )
         store: SnapshotStore
         bus: StatisticsBus

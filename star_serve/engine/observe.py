@@ -5,15 +5,15 @@ tokens only."""
 from __future__ import annotations
 
 import logging
+import random
 import threading
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..adaptation import Adapter, BankView, TenantBank
-from ..adaptation.capture import capture_groups, expert_load
+from ..adaptation.capture import CaptureConfig, capture_groups, expert_load
 from ..adaptation.sync import SyncUpdate
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,35 @@ def route(
 
 
 class Observer:
-    """Hands each forward's tokens to the adapter from a thread of its own, so that the engine's next
-    forward runs while the last one is captured. The forwards waiting when the thread comes round are
-    captured together, every tenant of them in one pass: when capture falls behind, its fixed cost is
-    shared by more forwards. At most `depth` forwards wait; a faster engine waits for capture rather than
-    lose statistics. In sync mode the routers have already moved the rows, and the engine thread only
-    reports the tokens."""
+    """Hands forwards' tokens to the adapter from a thread of its own, so that the engine's next forward
+    runs while earlier ones are captured.
 
-    def __init__(self, adapter: Adapter, num_experts: int, depth: int = 8) -> None:
-        self.adapter, self.num_experts, self.depth = adapter, num_experts, depth
-        self._waiting: deque[_Forward] = deque()
+    The capture's `sample_rate` is applied here, to whole forwards: a forward left out costs the engine
+    nothing more, and a decode step (one token of each running sequence) is as fair a sample of the
+    traffic as any. Forwards are captured in batches: the thread waits until `batch_tokens` tokens are
+    waiting, or the first of them has waited `max_delay` seconds, then captures them all, every tenant in
+    one pass per sequence length. A pass costs a few dozen small operations whatever its size, so
+    batching decode steps divides that cost by the number of steps batched. At most `max_waiting` tokens
+    wait; a faster engine waits for capture rather than lose statistics. In sync mode the routers have
+    already moved the rows, and the engine thread only reports the tokens."""
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        num_experts: int,
+        batch_tokens: int = 1024,
+        max_delay: float = 0.5,
+        max_waiting: int = 4096,
+        seed: int | None = None,
+    ) -> None:
+        self.adapter, self.num_experts = adapter, num_experts
+        self.batch_tokens, self.max_delay, self.max_waiting = batch_tokens, max_delay, max_waiting
+        self.sample_rate = adapter.config.capture.sample_rate
+        self._capture_config = replace(adapter.config.capture, sample_rate=1.0)  # sampled forwards count whole
+        self._sampler = random.Random(seed)
+        self._waiting: list[_Forward] = []
+        self._bases: dict[tuple[str, int], torch.Tensor] = {}  # (tenant, version) -> bases of the waiting
+        self._tokens = 0  # real tokens of the forwards waiting
         self._closed = False
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
@@ -59,11 +78,28 @@ class Observer:
         if self.adapter.syncing:
             _synced(self.adapter, forward, self.num_experts, update)
             return
-        forward.bases = view.bank[view.index]  # (B, L, E, D): a copy, as the bank may change before capture
+        if self.sample_rate < 1.0 and self._sampler.random() >= self.sample_rate:
+            return
+        tokens = sum(lengths)
         with self._changed:
-            self._changed.wait_for(lambda: len(self._waiting) < self.depth or self._closed)
+            self._changed.wait_for(lambda: self._tokens < self.max_waiting or self._closed)
+            self._keep_bases(forward, view)
             self._waiting.append(forward)
-            self._changed.notify_all()
+            self._tokens += tokens
+            if len(self._waiting) == 1 or self._tokens - tokens < self.batch_tokens <= self._tokens:
+                self._changed.notify_all()  # the first forward starts the delay; a full batch ends it
+
+    def _keep_bases(self, forward: _Forward, view: BankView) -> None:
+        """Copies the bases of the (tenant, version) pairs that no waiting forward has yet brought: a
+        version's bases never change, but its bank row may be reused once the forward is done."""
+        assert view.bank is not None and view.index is not None
+        new: dict[tuple[str, int], int] = {}
+        for i, key in enumerate(zip(forward.tenants, forward.versions, strict=True)):
+            if key not in self._bases:
+                new.setdefault(key, i)
+        if new:
+            rows = view.index[torch.tensor(list(new.values()), device=view.index.device)]
+            self._bases.update(zip(new, view.bank[rows], strict=True))  # (L, E, D) each, copies
 
     def close(self) -> None:
         """Captures what is waiting, then stops the thread."""
@@ -76,15 +112,16 @@ class Observer:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: self._waiting or self._closed)
+                self._changed.wait_for(lambda: self._tokens >= self.batch_tokens or self._closed, self.max_delay)
                 if not self._waiting:
                     return
-                forwards = list(self._waiting)
-                self._waiting.clear()
+                forwards, bases = self._waiting, self._bases
+                self._waiting, self._bases, self._tokens = [], {}, 0
                 self._changed.notify_all()
             try:
                 with torch.inference_mode():
                     for forward in _merged(forwards):
-                        _capture(self.adapter, forward, self.num_experts)
+                        _capture(self.adapter, forward, bases, self.num_experts, self._capture_config)
             except Exception:
                 log.exception("capturing a forward's statistics failed; its tokens do not count")
 
@@ -96,7 +133,6 @@ class _Forward:
     versions: list[int]
     router_inputs: list[torch.Tensor]  # L x (B, S, D)
     expert_indices: list[torch.Tensor]  # L x (B, S, k)
-    bases: torch.Tensor | None = None  # (B, L, E, D): each sequence's bases
 
     def grouped(self) -> tuple[list[str], torch.Tensor, list[int], torch.Tensor]:
         """The groups of sequences of one tenant and basis version: each group's tenant and version, each
@@ -127,23 +163,26 @@ def _merged(forwards: list[_Forward]) -> list[_Forward]:
                 [v for f in same for v in f.versions],
                 [torch.cat(layer) for layer in zip(*(f.router_inputs for f in same), strict=True)],
                 [torch.cat(layer) for layer in zip(*(f.expert_indices for f in same), strict=True)],
-                torch.cat([f.bases for f in same if f.bases is not None]),
             )
         )
     return merged
 
 
-def _capture(adapter: Adapter, forward: _Forward, num_experts: int) -> None:
-    assert forward.bases is not None
+def _capture(
+    adapter: Adapter,
+    forward: _Forward,
+    served: dict[tuple[str, int], torch.Tensor],
+    num_experts: int,
+    config: CaptureConfig,
+) -> None:
     names, groups, versions, real = forward.grouped()
     accepted = [adapter.accepts(t, v) for t, v in zip(names, versions, strict=True)]
     if not any(accepted):
         return
     load = expert_load(forward.expert_indices, real, groups, len(names), num_experts)  # (G, L, E)
     counted = real & torch.tensor(accepted)[groups][:, None]  # only tokens that will count are captured
-    rows = torch.arange(len(forward.tenants))
-    config = adapter.config.capture
-    stats = capture_groups(forward.bases, rows, forward.router_inputs, counted, groups, versions, config)
+    bases = torch.stack([served[key] for key in zip(names, versions, strict=True)])  # (G, L, E, D)
+    stats = capture_groups(bases, groups, forward.router_inputs, counted, groups, versions, config)
     adapter.take([t if ok else None for t, ok in zip(names, accepted, strict=True)], stats, load)
 
 

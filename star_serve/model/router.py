@@ -83,9 +83,9 @@ class StarMoeRouter(nn.Module):
             basis = self.basis if bases is None else bases
             rotated = (mixing @ basis.to(mixing.dtype)).to(x.dtype)  # (E, D)
             gha_logits = F.linear(x, rotated)
-        else:
-            rotated = torch.einsum("ef,bfd->bed", mixing, bases.to(mixing.dtype)).to(x.dtype)  # (B, E, D)
-            gha_logits = torch.einsum("bsd,bed->bse", x, rotated)
+        else:  # x (R V_b)^T as (x V_b^T) R^T: two batched products, no (B, E, D) rotation per forward
+            projected = torch.bmm(x, bases.to(x.dtype).transpose(1, 2))  # (B, S, E)
+            gha_logits = projected @ mixing.to(x.dtype).T
         if self.router_type == "star_gha_only":
             return gha_logits
         s = torch.sigmoid(self.star_gate.alpha).to(x.dtype)

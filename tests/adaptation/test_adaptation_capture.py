@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from star_serve.adaptation.capture import CaptureConfig, capture, capture_groups, expert_load
+from star_serve.adaptation.capture import CHUNK, CaptureConfig, capture, capture_groups, expert_load
 from star_serve.model import explained_variance, gha_statistics, orthonormalize
 
 L, E, D, N = 2, 4, 16, 50
@@ -36,6 +36,14 @@ def test_non_finite_tokens_are_rejected_at_every_layer() -> None:
     assert stats.counts.rejected == 2
     assert all(layer.n == N - 2 for layer in stats.layers)
     assert all(torch.isfinite(layer.s1).all() and torch.isfinite(layer.s2).all() for layer in stats.layers)
+
+
+def test_tokens_whose_norm_overflows_are_rejected_not_clipped() -> None:
+    inputs = [torch.randn(N, D) for _ in range(L)]
+    inputs[1][4] = 1e30  # finite entries, but the squared norm overflows float32
+    stats = capture(_bases(), inputs, version=0, config=CaptureConfig(max_token_norm=10.0))
+    assert stats.counts.rejected == 1 and stats.tokens == N - 1
+    assert all(torch.isfinite(layer.s1).all() for layer in stats.layers)
 
 
 def test_huge_tokens_are_clipped_to_the_norm_cap() -> None:
@@ -133,3 +141,25 @@ def test_explained_variance_of_each_group_is_the_models_measure() -> None:
         bank, torch.tensor([0, 1]), inputs, real & False, torch.tensor([0, 1]), [0, 0], CaptureConfig()
     )
     assert nobody.explained == [None, None]
+
+
+def test_many_one_token_sequences_and_long_groups_equal_each_tenant_captured_alone() -> None:
+    """A decode-like batch (one token per sequence) of three tenants whose token counts cross the chunks
+    that `capture_groups` packs them into, and a tenant with no tokens at all."""
+    bank = torch.stack([_bases(0), _bases(1), _bases(2), _bases(3)])
+    sizes = [CHUNK * 2 + 5, CHUNK, 1, 0]  # tokens of groups 0..3
+    groups = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])[torch.randperm(sum(sizes))]
+    inputs = [torch.randn(len(groups), 1, D) for _ in range(L)]
+    real = torch.ones(len(groups), 1, dtype=torch.bool)
+    config = CaptureConfig(max_token_norm=1e9)
+    forward = capture_groups(bank, groups, inputs, real, groups, [0, 1, 2, 3], config)
+    for g, n in enumerate(sizes):
+        got = forward.group(g)
+        assert got.tokens == n
+        if n == 0:
+            assert all(not layer.s1.any() for layer in got.layers) and forward.explained[g] is None
+            continue
+        want = capture(bank[g], [x[groups == g, 0] for x in inputs], g, config)
+        for a, b in zip(got.layers, want.layers, strict=True):
+            torch.testing.assert_close(a.s1, b.s1)
+            torch.testing.assert_close(a.s2, b.s2)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from star_serve.adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
 from star_serve.bench.adaptation import (
     CORRUPTIONS,
+    COST_SERVERS,
     AdaptationBenchConfig,
     _adapt_rotated,
     _table,
@@ -220,12 +221,17 @@ def test_parts_a_and_b_end_to_end_on_tiny_models(tokenizer: PreTrainedTokenizerF
 def _cost_shape(cfg: AdaptationBenchConfig) -> dict[str, Any]:
     """Part (c)'s result layout with made-up rates (it starts servers, so it is not run here)."""
     load = {
-        "adaptation_on": {"median_tokens_per_s": 1.0, "runs": [1.0]},
-        "adaptation_off": {"median_tokens_per_s": 1.0, "runs": [1.0]},
+        **{mode: {"median_tokens_per_s": 1.0, "runs": [1.0]} for mode in COST_SERVERS},
         "ratio_on_off": 1.0,
+        "ratio_every_forward_off": 1.0,
     }
     lag = {"median": 0.8, "p99": 4.5, "commits": 12}
-    return {"loads": {str(cfg.tenants): load, "1": load}, "ratio_on_off": 1.0, "token_to_commit_lag_s": lag}
+    return {
+        "sample_rate": 0.25,
+        "loads": {str(cfg.tenants): load, "1": load},
+        "ratio_on_off": 1.0,
+        "token_to_commit_lag_s": {"async": lag, "async_every_forward": lag},
+    }
 
 
 def test_lag_quantiles_interpolate_the_servers_histogram_as_prometheus_does() -> None:

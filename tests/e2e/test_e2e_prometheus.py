@@ -145,7 +145,10 @@ def test_every_metric_named_by_the_dashboard_and_alerts_is_exported(launch: Laun
     server = launch(env={"STAR_ADAPTATION_MIN_TOKENS": "16"})
     asyncio.run(_mixed_traffic(server, tenants=2))
     named = set(re.findall(r"\bstar_[a-z_]+", DASHBOARD.read_text() + ALERTS.read_text()))
-    missing = named - _exported(server)
+    missing, deadline = named, time.monotonic() + 15
+    while missing and time.monotonic() < deadline:  # capture is asynchronous: per-tenant gauges follow
+        missing = named - _exported(server)
+        time.sleep(0.1 if missing else 0)
     assert not missing, f"named but not exported: {sorted(missing)}"
     assert len(named) >= 20
 

@@ -1,8 +1,10 @@
 """The capture thread: forwards captured together (merged when they wait) give the statistics each would
-give alone, a tenant's forwards of two versions never mix, and closing captures what is waiting."""
+give alone, the sample rate keeps or leaves out whole forwards, a tenant's forwards of two versions never
+mix, and closing captures what is waiting."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,11 +17,12 @@ from star_serve.model import orthonormalize
 L, E, D, K = 2, 4, 16, 2
 
 
-def _adapter(tmp_path: Path) -> tuple[Adapter, TenantBank]:
+def _adapter(tmp_path: Path, sample_rate: float = 1.0) -> tuple[Adapter, TenantBank]:
     gen = torch.Generator().manual_seed(0)
     trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = AdaptationConfig(min_tokens=1 << 20, capture=CaptureConfig(max_token_norm=1e9))
+    capture_config = CaptureConfig(sample_rate=sample_rate, max_token_norm=1e9)
+    config = AdaptationConfig(min_tokens=1 << 20, capture=capture_config)
     return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config), bank
 
 
@@ -58,11 +61,25 @@ def test_forwards_captured_together_equal_each_captured_alone(tmp_path: Path) ->
             torch.testing.assert_close(g.s2, w.s2)
 
 
+def test_the_sample_rate_keeps_whole_forwards(tmp_path: Path) -> None:
+    adapter, bank = _adapter(tmp_path, sample_rate=0.5)
+    observer = Observer(adapter, E, seed=7)
+    lengths = list(range(1, 41))  # forward i has i tokens, so the tokens captured tell which forwards were
+    for n in lengths:
+        observer.submit(["a"], [n], bank.lookup(["a"]), _out(1, n, n))
+    observer.close()
+
+    draws = random.Random(7)
+    kept = [n for n in lengths if draws.random() < 0.5]
+    taken = adapter.pending.take("a")
+    assert taken is not None and 0 < len(kept) < len(lengths)
+    assert taken[0].tokens == sum(kept) and taken[0].counts.dropped == 0
+
+
 def test_a_tenants_sequences_of_two_versions_stay_apart() -> None:
     out = _out(1, 1, 0)
-    bases = torch.zeros(1, L, E, D)
-    one = _Forward(["a"], [1], [0], out.router_inputs, out.expert_indices, bases)
-    two = _Forward(["a"], [1], [1], out.router_inputs, out.expert_indices, bases)
+    one = _Forward(["a"], [1], [0], out.router_inputs, out.expert_indices)
+    two = _Forward(["a"], [1], [1], out.router_inputs, out.expert_indices)
     (merged,) = _merged([one, two])
     names, groups, versions, _ = merged.grouped()
     assert (names, groups.tolist(), versions) == (["a", "a"], [0, 1], [0, 1])
