@@ -60,11 +60,11 @@ class Settings(BaseSettings):
         1.0, ge=0, description="Seconds between a tenant's GHA steps at least, however busy it is."
     )
     adaptation_sample_rate: float = Field(
-        0.25,
+        1.0,
         gt=0,
         le=1,
         description="Fraction of forwards whose router inputs adapt their tenants' bases (whole forwards are "
-        "sampled): the cost of adaptation against how soon a quiet tenant gathers a step's tokens.",
+        "sampled): less costs less, but a tenant then needs that much more traffic for a step.",
     )
     adaptation_token_budget: int = Field(
         4096, ge=1, description="Tokens of one tenant that count from one forward at most; the rest are dropped."

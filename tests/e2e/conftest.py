@@ -115,7 +115,6 @@ def launch(checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory) -
             "STAR_CACHE_DIR": str(home / "cache"),
             "STAR_DRAIN_TIMEOUT": "20",
             "STAR_MAX_BODY_BYTES": "65536",
-            "STAR_ADAPTATION_SAMPLE_RATE": "1",  # tests count tokens exactly; sampling has unit tests of its own
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
             **(env or {}),
