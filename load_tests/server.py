@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from types import TracebackType
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from star_serve.bench.report import free_port
 
 READY_TIMEOUT = 180.0  # the first start on a fresh machine also loads the demo models from disk
 # SIGTERM drains in-flight requests for up to STAR_DRAIN_TIMEOUT (30 s by default) before the process exits.
@@ -114,12 +115,6 @@ class LocalServer:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024  # reported in kB
         raise RuntimeError("no VmRSS in /proc/<pid>/status")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse_metrics(text: str) -> list[Sample]:

@@ -471,8 +471,7 @@ class Adapter:
             if "frozen" in settings:
                 state.frozen = settings["frozen"] == "true"
                 if state.frozen:
-                    state.load, state.first_seen = None, None
-                    self.pending.discard(tenant)
+                    self._drop_uncommitted(tenant, state)
             if "learning_rate" in settings:
                 state.learning_rate = float(settings["learning_rate"])
 
@@ -588,6 +587,12 @@ class Adapter:
         if publish:
             self.bank.publish(tenant, snapshot.bases, snapshot.version)
 
+    def _drop_uncommitted(self, tenant: str, state: TenantState) -> None:
+        """Forgets the tenant's statistics not yet committed (pending here, or counted in sync mode). Under
+        `_lock`."""
+        state.load, state.first_seen = None, None
+        self.pending.discard(tenant)
+
     def health(self, top: int) -> list[TenantHealth]:
         """Drift and explained variance of the `top` tenants by traffic, and of the rest as one "other"
         (largest drift, traffic-weighted explained variance): a bounded set for the metrics."""
@@ -654,8 +659,7 @@ class Adapter:
             self.stats.commits_lost += 1
             raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")
         with self._lock:
-            state.load, state.first_seen = None, None
-            self.pending.discard(tenant)
+            self._drop_uncommitted(tenant, state)
             self._adopt(tenant, state, restored)
         self.stats.rollbacks += 1
         return restored.version

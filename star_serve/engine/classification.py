@@ -142,7 +142,6 @@ class ClassificationEngine:
         ids, mask = pad_right([item.ids for item in batch], self.tokenizer.pad_token_id or 0)
         tenants, lengths = [item.tenant for item in batch], [len(item.ids) for item in batch]
         view, update = route(self.bank, self.adapter, tenants, lengths)
-        observer = self._observer if view.bank is not None else None
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -154,8 +153,8 @@ class ClassificationEngine:
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
         self.expert_load.add(out.expert_indices, mask)
-        if observer is not None:
-            observer.submit(tenants, lengths, view, out, update)
+        if self._observer is not None:
+            self._observer.submit(tenants, lengths, view, out, update)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

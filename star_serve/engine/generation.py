@@ -301,7 +301,6 @@ class GenerationEngine:
                 s.version = version
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
-        observer = self._observer if view.bank is not None else None
         out = self.backbone(
             input_ids=ids.to(self.device),
             position_ids=positions,
@@ -321,8 +320,8 @@ class GenerationEngine:
         self.expert_load.add(out.expert_indices, real)
         if any(s.return_routing for s in batch):
             self._count_routing(batch, out.expert_indices, lengths)
-        if observer is not None:
-            observer.submit(tenants, lengths, view, out, update)
+        if self._observer is not None:
+            self._observer.submit(tenants, lengths, view, out, update)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:
