@@ -305,7 +305,7 @@ class GenerationEngine:
             input_ids=ids.to(self.device),
             position_ids=positions,
             attention_mask=mask,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             router_bank=view.bank,
             tenant_index=view.index,

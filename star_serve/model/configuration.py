@@ -24,7 +24,7 @@ class StarMoeConfig(PretrainedConfig):
     """
 
     model_type = "star_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache"]
 
     def __init__(
         self,

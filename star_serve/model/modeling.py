@@ -19,6 +19,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import StarMoeConfig
 from .moe import StarMoeExperts, StarMoeSparseBlock
@@ -156,7 +157,7 @@ class StarMoeModelOutput(ModelOutput):
     """Backbone outputs. `router_inputs` and `expert_indices` are filled when `output_routing=True`."""
 
     last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None  # L x (B*S, E)
     router_inputs: tuple[torch.Tensor, ...] | None = None  # L x (B, S, D)
     expert_indices: tuple[torch.Tensor, ...] | None = None  # L x (B, S, k)
@@ -167,7 +168,7 @@ class StarMoeCausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None
     router_inputs: tuple[torch.Tensor, ...] | None = None
     expert_indices: tuple[torch.Tensor, ...] | None = None
@@ -188,7 +189,7 @@ class StarMoePreTrainedModel(PreTrainedModel):
     config: StarMoeConfig
     base_model_prefix = "model"
     _no_split_modules = ["StarMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -254,12 +255,13 @@ class StarMoeModel(StarMoePreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,  # (B, S)
         attention_mask: torch.Tensor | None = None,  # (B, K) padding mask, or (B, 1, S, K) bool
         position_ids: torch.Tensor | None = None,  # (B, S)
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         router_bank: torch.Tensor | None = None,  # (T, L, E, D)
@@ -274,9 +276,9 @@ class StarMoeModel(StarMoePreTrainedModel):
         b, s, _ = x.shape
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
         mask = build_attention_mask(attention_mask, s, past + s, x.device)
@@ -290,7 +292,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
         for i, layer in enumerate(self.decoder_layers()):
-            x, router_input = layer.attend(x, rotary, mask, past_key_values)
+            x, router_input = layer.attend(x, rotary, mask, cache)
             if router_update is not None:  # test-time adaptation before routing: may rewrite router_bank[:, i]
                 router_update(i, router_input)
             bases = None
@@ -303,7 +305,7 @@ class StarMoeModel(StarMoePreTrainedModel):
                 all_experts.append(experts)
         return StarMoeModelOutput(
             last_hidden_state=self.norm(x),
-            past_key_values=past_key_values if use_cache else None,
+            cache=cache if use_cache else None,
             router_logits=tuple(all_logits),
             router_inputs=tuple(all_inputs) if output_routing else None,
             expert_indices=tuple(all_experts) if output_routing else None,
@@ -334,12 +336,13 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -356,7 +359,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             router_bank=router_bank,
@@ -381,7 +384,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             router_logits=out.router_logits if output_router_logits else None,
             router_inputs=out.router_inputs,
             expert_indices=out.expert_indices,

@@ -29,7 +29,7 @@ def _alone_last_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _forward(model: Any, cache: SlotKVCache, ids: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
     positions, mask = cache.bind(torch.tensor(slots), torch.tensor(starts), ids.shape[1])
-    out = model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
     return out.logits
 
 

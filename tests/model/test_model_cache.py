@@ -21,18 +21,31 @@ def test_incremental_decoding_matches_full_forward(
     with torch.no_grad():
         full = model(ids).logits  # (B, S, V)
         out = model(ids[:, :prefix], use_cache=True)
-        assert out.past_key_values is not None
-        assert out.past_key_values.get_seq_length() == prefix
+        assert out.cache is not None
+        assert out.cache.get_seq_length() == prefix
         torch.testing.assert_close(out.logits, full[:, :prefix], rtol=0, atol=ATOL)
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(prefix, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             assert out.logits.shape == (2, 1, 101)
             torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=0, atol=ATOL)
-            cache = out.past_key_values
+            cache = out.cache
         assert cache.get_seq_length() == ids.shape[1]
         # The cache matters: decoding the last token without it gives other logits.
         assert (model(ids[:, -1:]).logits[:, -1] - full[:, -1]).abs().max() > 1e-3
+
+
+def test_past_key_values_is_still_accepted_as_the_cache(make_model: Callable[..., Any]) -> None:
+    """Callers written for transformers before 5.24 pass the cache as `past_key_values`."""
+    model = make_model()
+    ids = torch.randint(1, 101, (1, 6))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :5], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            out = model(ids[:, 5:], past_key_values=cache, use_cache=True)
+    assert out.cache is cache and cache.get_seq_length() == 6
+    torch.testing.assert_close(out.logits[:, -1], full[:, -1], rtol=0, atol=ATOL)
 
 
 def test_chunked_prefill_with_cache_matches_full_forward(make_model: Callable[..., Any]) -> None:
@@ -43,9 +56,9 @@ def test_chunked_prefill_with_cache_matches_full_forward(make_model: Callable[..
         cache, start = None, 0
         for size in (4, 3, 1, 2, 2):
             chunk = ids[:, start : start + size]
-            out = model(chunk, past_key_values=cache, use_cache=True)
+            out = model(chunk, cache=cache, use_cache=True)
             torch.testing.assert_close(out.logits, full[:, start : start + size], rtol=0, atol=ATOL)
-            cache, start = out.past_key_values, start + size
+            cache, start = out.cache, start + size
         assert start == ids.shape[1]
 
 
@@ -70,12 +83,12 @@ def test_incremental_decoding_with_left_padding(make_model: Callable[..., Any]) 
 
         out = model(ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True)
         torch.testing.assert_close(out.logits[0, pad:], full[0, pad:prefix], rtol=0, atol=ATOL)
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(prefix, ids.shape[1]):
-            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
             torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=0, atol=ATOL)
             torch.testing.assert_close(out.logits[0, -1], alone0[t - pad], rtol=0, atol=ATOL)
-            cache = out.past_key_values
+            cache = out.cache
 
 
 @pytest.mark.parametrize("router_type", ["star", "mpi"])
