@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--requests", type=int, help="requests per run (default: serving 32, adaptation 128)")
     bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64)")
-    bench.add_argument("--repeats", type=int, help="runs per configuration (default: serving 3, adaptation 5)")
+    bench.add_argument("--repeats", type=int, help="runs per configuration (default: serving 3, adaptation 9)")
     bench.add_argument("--device", help="where the models run (default: CUDA when present)")
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")
     adaptation = bench.add_argument_group(

@@ -105,6 +105,18 @@ class RedisSnapshotStore:
         kept = await self.redis.zrange(self._prefix(model, tenant) + "versions", 0, -1)
         return sorted(int(_as_bytes(v)) for v in kept)
 
+    async def heads(self, model: str, tenants: Sequence[str]) -> dict[str, tuple[int, dict[str, str]]]:
+        pipe = self.redis.pipeline(transaction=False)  # one round trip for all of them
+        for tenant in tenants:
+            pipe.get(self._prefix(model, tenant) + "version")
+            pipe.hgetall(self._prefix(model, tenant) + "settings")
+        replies = await pipe.execute()
+        heads = {}
+        for tenant, version, stored in zip(tenants, replies[::2], replies[1::2], strict=True):
+            settings = {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in stored.items()}
+            heads[tenant] = (0 if version is None else int(version), settings)
+        return heads
+
     async def announcements(self, model: str) -> AsyncIterator[tuple[str, int]]:
         """(tenant, version) for every commit of `model` from now on, by any replica."""
         pubsub = self.redis.pubsub()

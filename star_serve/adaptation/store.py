@@ -98,6 +98,11 @@ class SnapshotStore(Protocol):
 
     async def versions(self, model: str, tenant: str) -> list[int]: ...
 
+    async def heads(self, model: str, tenants: Sequence[str]) -> dict[str, tuple[int, dict[str, str]]]:
+        """Each tenant's latest version (0: none) and settings, in one call however many tenants: what a
+        replica polls to confirm that it missed no commit and no change of settings."""
+        ...
+
     async def ping(self) -> bool:
         """Whether the store answers now."""
         ...
@@ -183,6 +188,16 @@ class LocalDirStore:
 
     async def versions(self, model: str, tenant: str) -> list[int]:
         return await asyncio.to_thread(self._versions, self._dir(model, tenant))
+
+    def _heads(self, model: str, tenants: Sequence[str]) -> dict[str, tuple[int, dict[str, str]]]:
+        heads = {}
+        for tenant in tenants:
+            versions = self._versions(self._dir(model, tenant))
+            heads[tenant] = (versions[-1] if versions else 0, self._settings(model, tenant))
+        return heads
+
+    async def heads(self, model: str, tenants: Sequence[str]) -> dict[str, tuple[int, dict[str, str]]]:
+        return await asyncio.to_thread(self._heads, model, list(tenants))
 
     async def ping(self) -> bool:
         return True

@@ -175,9 +175,13 @@ class Adapter:
                     state.explained = explained
                 elif explained is not None and state.explained is not None:  # a moving average by tokens
                     state.explained += (1 - 0.5 ** (n / EXPLAINED_HALF_LIFE)) * (explained - state.explained)
+            before = [self.pending.tokens(t) for t in names]
             self.pending.add(names, taken, stats, load, now)
-            for tenant in names:
-                wake |= self.pending.tokens(tenant) >= self.config.min_tokens or not self.tenants[tenant].loaded
+            for tenant, had in zip(names, before, strict=True):
+                # Only a tenant that now makes a batch (or is new here) wakes the loop: one held back by
+                # `min_interval` falls due on the loop's own timer, not at every forward that adds to it.
+                crossed = had < self.config.min_tokens <= self.pending.tokens(tenant)
+                wake |= crossed or not self.tenants[tenant].loaded
         if wake and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
@@ -437,16 +441,19 @@ class Adapter:
             self.store_ok = True
             with self._lock:
                 tenants = [t for t, s in self.tenants.items() if s.loaded]
-            for tenant in tenants:
+            try:
+                heads = await self.store.heads(self.model, tenants)  # one call, however many tenants
+                self.store_ok = True
+            except Exception:
+                self._store_failed("polling versions")
+                continue
+            for tenant, (version, settings) in heads.items():
+                self._configured(tenant, self.tenants[tenant], settings)
                 try:
-                    versions = await self.store.versions(self.model, tenant)
-                    self._configured(tenant, self.tenants[tenant], await self.store.settings(self.model, tenant))
-                    self.store_ok = True
+                    await self._refresh(tenant, version)
                 except Exception:
-                    self._store_failed("polling versions")
+                    self._store_failed(f"loading version {version} of {tenant}")
                     break
-                if versions:
-                    await self._refresh(tenant, versions[-1])
 
     async def _refresh(self, tenant: str, version: int) -> None:
         with self._lock:

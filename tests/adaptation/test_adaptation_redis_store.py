@@ -40,6 +40,27 @@ def test_compare_and_set_exact_bytes_and_retention(redis_url: str) -> None:
     asyncio.run(scenario())
 
 
+def test_heads_give_every_tenants_latest_version_and_settings_at_once(redis_url: str) -> None:
+    acme, beta, unknown = (uuid.uuid4().hex for _ in range(3))
+
+    async def scenario() -> dict[str, tuple[int, dict[str, str]]]:
+        store = RedisSnapshotStore.from_url(redis_url)
+        try:
+            for v in (1, 2):
+                assert await store.commit(_snapshot(acme, v, v), expected=v - 1)
+            await store.configure("lm", acme, {"frozen": "true"})
+            await store.configure("lm", beta, {"learning_rate": "0.01"})  # settings, no version yet
+            return await store.heads("lm", [acme, beta, unknown])
+        finally:
+            await store.close()
+
+    assert asyncio.run(scenario()) == {
+        acme: (2, {"frozen": "true"}),
+        beta: (0, {"learning_rate": "0.01"}),
+        unknown: (0, {}),
+    }
+
+
 def test_racing_writers_commit_each_version_once(redis_url: str) -> None:
     tenant = uuid.uuid4().hex
 

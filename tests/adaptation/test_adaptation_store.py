@@ -55,3 +55,20 @@ def test_a_corrupted_file_is_detected(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSnapshot):
         asyncio.run(store.latest("m/odel", "acme"))
+
+
+def test_heads_give_every_tenants_latest_version_and_settings_at_once(tmp_path: Path) -> None:
+    store = LocalDirStore(tmp_path)
+
+    async def scenario() -> dict[str, tuple[int, dict[str, str]]]:
+        for v in (1, 2):
+            assert await store.commit(_snapshot(v, v), expected=v - 1)
+        await store.configure("m/odel", "acme", {"frozen": "true"})
+        await store.configure("m/odel", "beta", {"learning_rate": "0.01"})  # settings, no version yet
+        return await store.heads("m/odel", ["acme", "beta", "unknown"])
+
+    assert asyncio.run(scenario()) == {
+        "acme": (2, {"frozen": "true"}),
+        "beta": (0, {"learning_rate": "0.01"}),
+        "unknown": (0, {}),
+    }

@@ -24,6 +24,7 @@ from star_serve.bench.adaptation import (
     corrupt,
     corruption_shift,
     lag_quantiles,
+    paired_ratio,
     rotation,
     rotation_shift,
     route,
@@ -234,6 +235,17 @@ def _cost_shape(cfg: AdaptationBenchConfig) -> dict[str, Any]:
         "token_to_commit_lag_s": {"async": lag, "async_sampled": lag},
         "tenant_versions_after": {"async": [2, 1, None], "async_sampled": [1, 0, 0]},
     }
+
+
+def test_paired_ratio_cancels_a_drift_between_repeats() -> None:
+    # The machine halves its speed after the second repeat; each repeat's pair is 0.9 all the same.
+    off = [1000.0, 1000.0, 500.0, 500.0, 500.0]
+    on = [900.0, 900.0, 450.0, 450.0, 450.0]
+    assert paired_ratio(on, off) == pytest.approx(0.9)
+    on[2] = 600.0  # one repeat where adaptation ran faster: the median of the pairs does not move
+    assert paired_ratio(on, off) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        paired_ratio(on, off[:-1])
 
 
 def test_lag_quantiles_interpolate_the_servers_histogram_as_prometheus_does() -> None:
