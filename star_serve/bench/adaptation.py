@@ -476,9 +476,9 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
 
 
 def paired_ratio(runs: Sequence[float], baseline: Sequence[float]) -> float:
-    """The median over repeats of each repeat's ratio: the two runs of a repeat are minutes closer than
-    the repeats are to each other, so a machine that drifts between repeats (a noisy neighbour, a
-    change of clock) moves both alike and their ratio less than either."""
+    """The median over repeats of each repeat's ratio. The runs of one repeat are seconds apart, the
+    repeats minutes, so a machine whose speed drifts between repeats (a noisy neighbour, a change of
+    clock) moves a repeat's two runs alike, and their ratio less than either."""
     return statistics.median(r / b for r, b in zip(runs, baseline, strict=True))
 
 
