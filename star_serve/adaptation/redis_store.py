@@ -86,8 +86,7 @@ class RedisSnapshotStore:
         return {i for i, score in zip(ids, scores, strict=True) if score is not None}
 
     async def settings(self, model: str, tenant: str) -> dict[str, str]:
-        stored = await self.redis.hgetall(self._prefix(model, tenant) + "settings")
-        return {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in stored.items()}
+        return _decoded(await self.redis.hgetall(self._prefix(model, tenant) + "settings"))
 
     async def configure(self, model: str, tenant: str, settings: dict[str, str]) -> None:
         mapping: dict[FieldT, EncodableT] = {k: v for k, v in settings.items()}
@@ -112,9 +111,8 @@ class RedisSnapshotStore:
             pipe.hgetall(self._prefix(model, tenant) + "settings")
         replies = await pipe.execute()
         heads = {}
-        for tenant, version, stored in zip(tenants, replies[::2], replies[1::2], strict=True):
-            settings = {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in stored.items()}
-            heads[tenant] = (0 if version is None else int(version), settings)
+        for tenant, version, settings in zip(tenants, replies[::2], replies[1::2], strict=True):
+            heads[tenant] = (0 if version is None else int(version), _decoded(settings))
         return heads
 
     async def announcements(self, model: str) -> AsyncIterator[tuple[str, int]]:
@@ -138,6 +136,11 @@ class RedisSnapshotStore:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+def _decoded(stored: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    """A settings hash as Redis returns it (bytes keys and values), as text."""
+    return {_as_bytes(k).decode(): _as_bytes(v).decode() for k, v in stored.items()}
 
 
 def _as_bytes(value: object) -> bytes:
