@@ -67,7 +67,10 @@ class Settings(BaseSettings):
         "sampled): less costs less, but a tenant then needs that much more traffic for a step.",
     )
     adaptation_token_budget: int = Field(
-        4096, ge=1, description="Tokens of one tenant that count from one forward at most; the rest are dropped."
+        4096,
+        ge=1,
+        description="Tokens of one tenant that count from one capture pass (the forwards captured together) at "
+        "most; the rest are dropped.",
     )
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."

@@ -20,7 +20,7 @@ CHUNK = 16  # tokens of one group per batched product in `capture_groups`
 class CaptureConfig:
     sample_rate: float = 1.0  # fraction of a tenant's tokens that count
     max_token_norm: float = 64.0  # rows above this L2 norm are scaled down to it
-    max_tokens_per_batch: int = 4096  # per tenant and forward: beyond it, tokens are dropped
+    max_tokens_per_batch: int = 4096  # per tenant and capture pass: beyond it, tokens are dropped
 
 
 @dataclass

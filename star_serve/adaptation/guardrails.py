@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.gha import GhaStatistics, gha_step, orthogonality_defect, projection_distance
+from ..model.gha import GhaStatistics, gha_step, orthogonality_defects, projection_distances
 from .capture import LayerStatistics
 
 
@@ -61,25 +61,10 @@ def guarded_layer_step(
     guard: Guardrails,
 ) -> LayerStep:
     """One layer's GHA step, capped in size; refused (the basis kept) when it breaks a guardrail."""
-    current = current.float()
-    proposed = gha_step(current, stats.s1, stats.s2, stats.n, lr)
-    change = proposed - current
-    norm = float(change.norm())
-    if norm > guard.max_step:  # cap the step: move towards the proposal by at most max_step
-        proposed = current + change * (guard.max_step / norm)
-        proposed = proposed / proposed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    distance = projection_distance(proposed, trained)
-    defect = orthogonality_defect(proposed)
-    allowed_defect = orthogonality_defect(trained) + guard.orthogonality_tolerance
-    reason = ""
-    if not torch.isfinite(proposed).all():
-        reason = "non-finite basis"
-    elif distance > guard.max_distance:
-        reason = f"distance {distance:.3f} from the trained basis over {guard.max_distance}"
-    elif defect > allowed_defect:
-        reason = f"orthogonality defect {defect:.3f} over {allowed_defect:.3f}"
-    applied = not reason and stats.n > 0
-    return LayerStep(proposed if applied else current, applied, min(norm, guard.max_step), distance, defect, reason)
+    bases, report = _guarded(trained[None], current[None], stats.s1[None], stats.s2[None], stats.n, lr, guard)
+    return LayerStep(
+        bases[0], report.applied[0], report.step_norms[0], report.distances[0], report.defects[0], report.reasons[0]
+    )
 
 
 def guarded_step(
@@ -90,23 +75,69 @@ def guarded_step(
     guard: Guardrails,
 ) -> tuple[torch.Tensor, StepReport]:
     """One GHA step per layer from `stats`; a layer whose step breaks a guardrail keeps its basis."""
+    counts = {s.n for s in stats.layers}
+    if len(counts) != 1:
+        raise ValueError(f"statistics of one capture count the same tokens at every layer, not {sorted(counts)}")
+    s1 = torch.stack([s.s1 for s in stats.layers])
+    s2 = torch.stack([s.s2 for s in stats.layers])
+    return _guarded(trained, current, s1, s2, counts.pop(), lr, guard)
+
+
+def _guarded(
+    trained: torch.Tensor,  # (L, E, D)
+    current: torch.Tensor,  # (L, E, D)
+    s1: torch.Tensor,  # (L, E, D)
+    s2: torch.Tensor,  # (L, E, E)
+    n: int,
+    lr: float,
+    guard: Guardrails,
+) -> tuple[torch.Tensor, StepReport]:
+    """The guarded step of every layer at once: a few batched operations and one copy to the host,
+    whatever the number of layers (the worker runs this on the event loop, beside the engine)."""
+    trained, current = trained.float(), current.float()
+    proposed = gha_step(current, s1, s2, n, lr)
+    change = proposed - current
+    norms = torch.linalg.vector_norm(change, dim=(-2, -1))  # (L,)
+    # Cap the step: move towards the proposal by at most max_step, then back to unit rows.
+    capped = current + change * (guard.max_step / norms.clamp_min(1e-30))[:, None, None]
+    capped = capped / capped.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proposed = torch.where((norms > guard.max_step)[:, None, None], capped, proposed)
+    checks = torch.stack(
+        [
+            norms.double(),
+            projection_distances(proposed, trained),
+            orthogonality_defects(proposed).double(),
+            orthogonality_defects(trained).double() + guard.orthogonality_tolerance,
+            torch.isfinite(proposed).flatten(1).all(dim=1).double(),
+        ]
+    ).T.tolist()  # (L, 5) on the host
     report = StepReport()
-    layers = []
-    for trained_l, current_l, s in zip(trained, current, stats.layers, strict=True):
-        step = guarded_layer_step(trained_l, current_l, s, lr, guard)
-        layers.append(step.basis)
-        report.applied.append(step.applied)
-        report.step_norms.append(step.step_norm)
-        report.distances.append(step.distance)
-        report.defects.append(step.defect)
-        report.reasons.append(step.reason)
-    return torch.stack(layers), report
+    for norm, distance, defect, allowed_defect, finite in checks:
+        reason = ""
+        if not finite:
+            reason = "non-finite basis"
+        elif distance > guard.max_distance:
+            reason = f"distance {distance:.3f} from the trained basis over {guard.max_distance}"
+        elif defect > allowed_defect:
+            reason = f"orthogonality defect {defect:.3f} over {allowed_defect:.3f}"
+        report.applied.append(not reason and n > 0)
+        report.step_norms.append(min(norm, guard.max_step))
+        report.distances.append(distance)
+        report.defects.append(defect)
+        report.reasons.append(reason)
+    applied = torch.tensor(report.applied, device=current.device)[:, None, None]
+    return torch.where(applied, proposed, current), report
+
+
+def load_entropies(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each expert-load histogram (..., E): log E when uniform, 0 when one expert takes all."""
+    counts = counts.double()
+    total = counts.sum(dim=-1, keepdim=True)
+    p = counts / total.clamp_min(1e-300)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    return torch.where(total[..., 0] > 0, entropy, math.log(max(1, counts.shape[-1])))
 
 
 def load_entropy(counts: torch.Tensor) -> float:
-    """Entropy (nats) of an expert-load histogram (E,): log E when uniform, 0 when one expert takes all."""
-    total = float(counts.sum())
-    if total <= 0:
-        return math.log(max(1, counts.numel()))
-    p = counts.float() / total
-    return float(-(p[p > 0] * p[p > 0].log()).sum())
+    """Entropy (nats) of one expert-load histogram (E,)."""
+    return float(load_entropies(counts))

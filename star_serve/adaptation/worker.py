@@ -31,11 +31,11 @@ from typing import Literal
 
 import torch
 
-from ..model.gha import orthogonality_defect, projection_distance
+from ..model.gha import orthogonality_defects, projection_distances
 from .bank import BankView, TenantBank
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
 from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
-from .guardrails import Guardrails, guarded_step, load_entropy
+from .guardrails import Guardrails, guarded_step, load_entropies
 from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
 from .sync import SyncTenant, SyncUpdate
@@ -355,7 +355,7 @@ class Adapter:
                 version = state.version
             if bases is None or tokens == 0:
                 return False
-            if load is not None and min(load_entropy(row) for row in load) < self.config.guard.entropy_floor:
+            if load is not None and float(load_entropies(load).min()) < self.config.guard.entropy_floor:
                 with contextlib.suppress(CommitConflict):
                     await self._rollback(tenant, state, None)
                 return False
@@ -552,7 +552,7 @@ class Adapter:
                 return handled | {b.id for b in fresh}, False
             stats = _combined(version, fresh)
             load = torch.stack([b.load for b in fresh]).sum(0)
-            if min(load_entropy(row) for row in load) < self.config.guard.entropy_floor:
+            if float(load_entropies(load).min()) < self.config.guard.entropy_floor:
                 try:
                     await self._rollback(tenant, state, None)
                 except CommitConflict:
@@ -587,7 +587,7 @@ class Adapter:
         self, tenant: str, state: TenantState, snapshot: Snapshot, tokens: int = 0, publish: bool = True
     ) -> None:
         state.version, state.bases, state.updated = snapshot.version, snapshot.bases, snapshot.created
-        state.drift = max(projection_distance(v, t) for v, t in zip(snapshot.bases, self.trained, strict=True))
+        state.drift = float(projection_distances(snapshot.bases, self.trained).max())
         state.tokens_seen += tokens
         if self.pending.version(tenant) not in (None, snapshot.version):
             self.pending.discard(tenant)
@@ -627,8 +627,8 @@ class Adapter:
             "frozen": state.frozen,
             "learning_rate": state.learning_rate,
             "last_update": state.updated,
-            "drift": [projection_distance(v, t) for v, t in zip(bases, self.trained, strict=True)],
-            "orthogonality_defect": [orthogonality_defect(v) for v in bases],
+            "drift": projection_distances(bases, self.trained).tolist(),
+            "orthogonality_defect": orthogonality_defects(bases).tolist(),
         }
 
     async def configure(self, tenant: str, frozen: bool | None, learning_rate: float | None) -> None:

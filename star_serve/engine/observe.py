@@ -36,9 +36,9 @@ class Observer:
     The capture's `sample_rate` is applied here, to whole forwards: a forward left out costs the engine
     nothing more, and a decode step (one token of each running sequence) is as fair a sample of the
     traffic as any. Forwards are captured in batches: the thread waits until `batch_tokens` tokens are
-    waiting, or the first of them has waited `max_delay` seconds, then captures them all, every tenant in
-    one pass per sequence length. A pass costs a few dozen small operations whatever its size, so
-    batching decode steps divides that cost by the number of steps batched. At most `max_waiting` tokens
+    waiting, or the first of them has waited `max_delay` seconds, then captures them all, every tenant and
+    sequence length in one pass. A pass costs a few dozen small operations whatever its size, so
+    batching forwards divides that cost by the number of forwards batched. At most `max_waiting` tokens
     wait; a faster engine waits for capture rather than lose statistics. In sync mode the routers have
     already moved the rows, and the engine thread only reports the tokens."""
 
@@ -120,8 +120,7 @@ class Observer:
                 self._changed.notify_all()
             try:
                 with torch.inference_mode():
-                    for forward in _merged(forwards):
-                        _capture(self.adapter, forward, bases, self.num_experts, self._capture_config)
+                    _capture(self.adapter, _merged(forwards), bases, self.num_experts, self._capture_config)
             except Exception:
                 log.exception("capturing a forward's statistics failed; its tokens do not count")
 
@@ -141,31 +140,51 @@ class _Forward:
         for key in zip(self.tenants, self.versions, strict=True):
             number.setdefault(key, len(number))
         groups = torch.tensor([number[key] for key in zip(self.tenants, self.versions, strict=True)])
+        return [t for t, _ in number], groups, [v for _, v in number], self.real()
+
+    def real(self) -> torch.Tensor:
+        """(B, S) bool: the real tokens, not padding."""
         seq_len = self.router_inputs[0].shape[1]
-        real = torch.arange(seq_len)[None, :] < torch.tensor(self.lengths)[:, None]  # not padding
-        return [t for t, _ in number], groups, [v for _, v in number], real
+        return torch.arange(seq_len)[None, :] < torch.tensor(self.lengths)[:, None]
 
 
-def _merged(forwards: list[_Forward]) -> list[_Forward]:
-    """The forwards as fewer: those of one sequence length side by side, as one batch."""
+def _merged(forwards: list[_Forward]) -> _Forward:
+    """The forwards as one, for a single capture pass: those of one sequence length side by side and,
+    where lengths differ, each real token as a sequence of its own, padding left out. Each operation of
+    a pass is a moment at which the engine thread may wait for the interpreter lock, so the fewer passes,
+    the less capture slows the engine."""
     by_length: dict[int, list[_Forward]] = {}
     for forward in forwards:
         by_length.setdefault(forward.router_inputs[0].shape[1], []).append(forward)
-    merged = []
-    for same in by_length.values():
-        if len(same) == 1:
-            merged += same
-            continue
-        merged.append(
-            _Forward(
-                [t for f in same for t in f.tenants],
-                [n for f in same for n in f.lengths],
-                [v for f in same for v in f.versions],
-                [torch.cat(layer) for layer in zip(*(f.router_inputs for f in same), strict=True)],
-                [torch.cat(layer) for layer in zip(*(f.expert_indices for f in same), strict=True)],
-            )
-        )
-    return merged
+    parts = [same[0] if len(same) == 1 else _concatenated(same) for same in by_length.values()]
+    if len(parts) == 1:
+        return parts[0]
+    return _concatenated([_token_by_token(part) for part in parts])
+
+
+def _concatenated(forwards: list[_Forward]) -> _Forward:
+    """Forwards of one sequence length as one, side by side."""
+    return _Forward(
+        [t for f in forwards for t in f.tenants],
+        [n for f in forwards for n in f.lengths],
+        [v for f in forwards for v in f.versions],
+        [torch.cat(layer) for layer in zip(*(f.router_inputs for f in forwards), strict=True)],
+        [torch.cat(layer) for layer in zip(*(f.expert_indices for f in forwards), strict=True)],
+    )
+
+
+def _token_by_token(forward: _Forward) -> _Forward:
+    """The forward's real tokens, in order, each as a one-token sequence of its sequence's tenant."""
+    if forward.router_inputs[0].shape[1] == 1:
+        return forward
+    real, repeat = forward.real(), forward.lengths
+    return _Forward(
+        [t for t, n in zip(forward.tenants, repeat, strict=True) for _ in range(n)],
+        [1] * sum(repeat),
+        [v for v, n in zip(forward.versions, repeat, strict=True) for _ in range(n)],
+        [x[real][:, None] for x in forward.router_inputs],
+        [e[real][:, None] for e in forward.expert_indices],
+    )
 
 
 def _capture(

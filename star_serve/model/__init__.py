@@ -11,8 +11,10 @@ from .gha import (
     gha_step,
     gha_update,
     orthogonality_defect,
+    orthogonality_defects,
     orthonormalize,
     projection_distance,
+    projection_distances,
 )
 from .modeling import (
     StarMoeForCausalLM,
@@ -35,8 +37,10 @@ __all__ = [
     "gha_step",
     "gha_update",
     "orthogonality_defect",
+    "orthogonality_defects",
     "orthonormalize",
     "projection_distance",
+    "projection_distances",
     "register_auto_classes",
     "switch_load_balancing_loss",
 ]

@@ -14,7 +14,6 @@ call these two functions, so the model and the server agree on the math exactly.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -44,15 +43,16 @@ def gha_statistics(basis: torch.Tensor, x: torch.Tensor) -> GhaStatistics:
 def gha_step(basis: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, n: int, lr: float) -> torch.Tensor:
     """One Sanger step from summed statistics; rows renormalised to unit length (no Gram-Schmidt).
 
-    Returns a new float32 tensor; the input basis is left untouched. With `n == 0` the basis is
-    returned unchanged (as a copy).
+    Leading dimensions batch: bases (..., E, D) with their statistics (..., E, D) and (..., E, E), all of
+    `n` tokens, take one step each. Returns a new float32 tensor; the input basis is left untouched. With
+    `n == 0` the basis is returned unchanged (as a copy).
     """
     v = basis.detach().float()
     if n == 0:
         return v.clone()
-    dv = (s1.float() - torch.tril(s2.float()) @ v) / n  # (E, D)
+    dv = (s1.float() - torch.tril(s2.float()) @ v) / n  # (..., E, D)
     v = v + lr * dv
-    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def gha_update(basis: torch.Tensor, x: torch.Tensor, lr: float) -> torch.Tensor:
@@ -61,24 +61,35 @@ def gha_update(basis: torch.Tensor, x: torch.Tensor, lr: float) -> torch.Tensor:
 
 
 def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis (E, D) of the row space of `basis`, via QR."""
-    q, _ = torch.linalg.qr(basis.detach().T.to(torch.promote_types(basis.dtype, torch.float32)))  # (D, E)
-    return q.T
+    """An orthonormal basis (..., E, D) of the row space of each `basis` (..., E, D), via QR."""
+    q, _ = torch.linalg.qr(basis.detach().mT.to(torch.promote_types(basis.dtype, torch.float32)))  # (..., D, E)
+    return q.mT
+
+
+def projection_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`||U^T U - V^T V||_F / sqrt(2E)` after orthonormalising, for each pair of bases (..., E, D): 0 for
+    equal subspaces, 1 for orthogonal. A float64 tensor of the leading shape."""
+    qu, qv = orthonormalize(u.double()), orthonormalize(v.double())  # float64: sqrt amplifies rounding near 0
+    # ||Pu - Pv||_F^2 = 2E - 2 ||Qu Qv^T||_F^2, without forming the (D, D) projectors.
+    e = qu.shape[-2]
+    overlap = (qu @ qv.mT).square().sum(dim=(-2, -1))
+    return ((2 * e - 2 * overlap).clamp_min(0.0) / (2 * e)).sqrt()
 
 
 def projection_distance(u: torch.Tensor, v: torch.Tensor) -> float:
-    """`||U^T U - V^T V||_F / sqrt(2E)` after orthonormalising: 0 for equal subspaces, 1 for orthogonal."""
-    qu, qv = orthonormalize(u.double()), orthonormalize(v.double())  # float64: sqrt amplifies rounding near 0
-    # ||Pu - Pv||_F^2 = 2E - 2 ||Qu Qv^T||_F^2, without forming the (D, D) projectors.
-    e = qu.shape[0]
-    overlap = (qu @ qv.T).square().sum().item()
-    return math.sqrt(max(2 * e - 2 * overlap, 0.0) / (2 * e))
+    """The projection distance of two bases (E, D); see `projection_distances`."""
+    return float(projection_distances(u, v))
+
+
+def orthogonality_defects(basis: torch.Tensor) -> torch.Tensor:
+    """`||V V^T - I||_F` of each basis (..., E, D): how far its rows are from orthonormal."""
+    v = basis.detach().float()
+    return torch.linalg.matrix_norm(v @ v.mT - torch.eye(v.shape[-2], device=v.device))
 
 
 def orthogonality_defect(basis: torch.Tensor) -> float:
-    """`||V V^T - I||_F`: how far the rows are from orthonormal."""
-    v = basis.detach().float()
-    return torch.linalg.matrix_norm(v @ v.T - torch.eye(v.shape[0], device=v.device)).item()
+    """`||V V^T - I||_F` of one basis (E, D)."""
+    return float(orthogonality_defects(basis))
 
 
 def explained_variance(basis: torch.Tensor, x: torch.Tensor) -> float:

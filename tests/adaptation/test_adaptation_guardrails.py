@@ -7,7 +7,7 @@ import math
 import torch
 
 from star_serve.adaptation.capture import CaptureConfig, capture
-from star_serve.adaptation.guardrails import Guardrails, guarded_step, load_entropy
+from star_serve.adaptation.guardrails import Guardrails, guarded_layer_step, guarded_step, load_entropies, load_entropy
 from star_serve.model import gha_step, orthogonality_defect, orthonormalize, projection_distance
 
 L, E, D = 2, 4, 16
@@ -58,3 +58,28 @@ def test_poisoned_stream_keeps_distance_and_orthogonality_under_their_caps() -> 
 def test_load_entropy() -> None:
     assert math.isclose(load_entropy(torch.tensor([5, 5, 5, 5])), math.log(4), rel_tol=1e-6)
     assert load_entropy(torch.tensor([20, 0, 0, 0])) == 0.0
+    assert math.isclose(load_entropy(torch.tensor([0, 0, 0, 0])), math.log(4), rel_tol=1e-6)  # no tokens: no collapse
+
+
+def test_load_entropies_of_every_layer_at_once() -> None:
+    load = torch.tensor([[5, 5, 5, 5], [20, 0, 0, 0], [0, 0, 0, 0], [3, 1, 0, 0]])
+    torch.testing.assert_close(
+        load_entropies(load), torch.tensor([load_entropy(row) for row in load], dtype=torch.float64)
+    )
+
+
+def test_a_layer_that_breaks_a_guardrail_keeps_its_basis_and_the_others_step() -> None:
+    trained = _trained()
+    gen = torch.Generator().manual_seed(2)
+    current = trained.clone()
+    current[1] = orthonormalize(trained[1] + 0.8 * torch.randn(E, D, generator=gen))  # layer 1: already far off
+    stats = capture(
+        current, [torch.randn(64, D, generator=gen) for _ in range(L)], 0, CaptureConfig(max_token_norm=1e9)
+    )
+    guard = Guardrails(max_step=1.0, max_distance=projection_distance(current[1], trained[1]) - 0.01)
+    new, report = guarded_step(trained, current, stats, lr=1e-3, guard=guard)
+    assert report.applied == [True, False] and "distance" in report.reasons[1]
+    assert torch.equal(new[1], current[1])
+    alone = guarded_layer_step(trained[0], current[0], stats.layers[0], 1e-3, guard)
+    torch.testing.assert_close(new[0], alone.basis)
+    assert alone.applied and math.isclose(alone.distance, report.distances[0], abs_tol=1e-12)

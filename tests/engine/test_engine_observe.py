@@ -80,6 +80,23 @@ def test_a_tenants_sequences_of_two_versions_stay_apart() -> None:
     out = _out(1, 1, 0)
     one = _Forward(["a"], [1], [0], out.router_inputs, out.expert_indices)
     two = _Forward(["a"], [1], [1], out.router_inputs, out.expert_indices)
-    (merged,) = _merged([one, two])
+    merged = _merged([one, two])
     names, groups, versions, _ = merged.grouped()
     assert (names, groups.tolist(), versions) == (["a", "a"], [0, 1], [0, 1])
+
+
+def test_forwards_of_different_lengths_make_one_pass_of_their_real_tokens() -> None:
+    prefill, decode = _out(2, 5, 0), _out(3, 1, 1)
+    forwards = [
+        _Forward(["a", "b"], [5, 2], [0, 0], prefill.router_inputs, prefill.expert_indices),
+        _Forward(["b", "a", "c"], [1, 1, 1], [0, 0, 3], decode.router_inputs, decode.expert_indices),
+    ]
+    merged = _merged(forwards)
+    assert merged.tenants == ["a"] * 5 + ["b"] * 2 + ["b", "a", "c"]
+    assert merged.versions == [0] * 9 + [3] and merged.lengths == [1] * 10
+    for layer in range(L):
+        want = torch.cat([prefill.router_inputs[layer][0, :5], prefill.router_inputs[layer][1, :2]])
+        torch.testing.assert_close(merged.router_inputs[layer][:7, 0], want)
+        torch.testing.assert_close(merged.router_inputs[layer][7:, 0], decode.router_inputs[layer][:, 0])
+        experts = prefill.expert_indices[layer]
+        assert torch.equal(merged.expert_indices[layer][:7, 0], torch.cat([experts[0, :5], experts[1, :2]]))

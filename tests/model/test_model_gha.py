@@ -14,8 +14,10 @@ from star_serve.model import (
     gha_step,
     gha_update,
     orthogonality_defect,
+    orthogonality_defects,
     orthonormalize,
     projection_distance,
+    projection_distances,
 )
 
 D, E = 32, 4
@@ -186,3 +188,19 @@ def test_explained_variance_extremes() -> None:
     mixed = 3.0 * u[0] + 4.0 * w[0]
     assert explained_variance(u, mixed[None]) == pytest.approx(9.0 / 25.0, abs=1e-5)
     assert explained_variance(u, torch.zeros(5, D)) == 0.0
+
+
+def test_stacked_bases_step_and_measure_each_as_alone() -> None:
+    """Leading dimensions batch: one call for every layer gives what one call per layer gives."""
+    gen = torch.Generator().manual_seed(5)
+    bases = torch.nn.functional.normalize(torch.randn(3, E, D, generator=gen), dim=-1)
+    others = torch.nn.functional.normalize(torch.randn(3, E, D, generator=gen), dim=-1)
+    x = torch.randn(3, 50, D, generator=gen)
+    stats = [gha_statistics(v, t) for v, t in zip(bases, x, strict=True)]
+    stepped = gha_step(bases, torch.stack([s.s1 for s in stats]), torch.stack([s.s2 for s in stats]), 50, 0.1)
+    distances, defects = projection_distances(bases, others), orthogonality_defects(bases)
+    assert distances.shape == defects.shape == (3,)
+    for layer, s in enumerate(stats):
+        torch.testing.assert_close(stepped[layer], gha_step(bases[layer], s.s1, s.s2, s.n, 0.1))
+        assert math.isclose(float(distances[layer]), projection_distance(bases[layer], others[layer]), abs_tol=1e-12)
+        assert math.isclose(float(defects[layer]), orthogonality_defect(bases[layer]), abs_tol=1e-6)
