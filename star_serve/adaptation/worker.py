@@ -70,13 +70,18 @@ class TenantState:
     updated: float | None = None
     traffic: int = 0  # tokens captured here, for ranking tenants in the metrics
     published: float = -math.inf  # monotonic time of the tenant's last batch from here
-    drift: float = 0.0  # largest projection distance of a layer's basis from the trained one
+    drifts: list[float] | None = None  # each layer's projection distance from the trained basis; None: 0
     explained: float | None = None  # recent share of the tenant's router-input energy in its subspace
     load: torch.Tensor | None = None  # sync mode: (L, E) tokens per expert since the last commit
     first_seen: float | None = None  # sync mode: wall-clock time of the oldest token not yet committed
     loaded: bool = False  # the store has been asked for this tenant's latest version and settings
     synced_tokens: int = 0  # sync mode: tokens that moved the tenant's bank row since the last commit
     sync_bases: torch.Tensor | None = None  # sync mode: a copy of the row, to commit
+
+    @property
+    def drift(self) -> float:
+        """The largest projection distance of a layer's basis from the trained one."""
+        return max(self.drifts) if self.drifts else 0.0
 
 
 EXPLAINED_HALF_LIFE = 4096  # tokens
@@ -541,6 +546,7 @@ class Adapter:
             with self._lock:
                 current = self.trained if state.bases is None else state.bases
                 version, lr, frozen = state.version, state.learning_rate, state.frozen
+                drifts = state.drifts or [0.0] * len(self.trained)
             fresh = [b for b in todo if version - self.config.max_staleness <= b.version <= version]
             dropped = [b for b in todo if b not in fresh]
             self.stats.batches["stale"] += sum(b.version < version for b in dropped)
@@ -573,8 +579,10 @@ class Adapter:
                     state.loaded = False  # another writer moved ahead: reload before trying again
                 return handled, False
             now = time.time()
+            # The step measured each layer's distance; a refused layer kept its basis, and its distance.
+            drifts = [d if ok else kept for d, ok, kept in zip(report.distances, report.applied, drifts, strict=True)]
             with self._lock:
-                self._adopt(tenant, state, snapshot, tokens=stats.tokens)
+                self._adopt(tenant, state, snapshot, tokens=stats.tokens, drifts=drifts)
                 self.stats.steps += 1
                 self.stats.batches["applied"] += len(fresh)
                 self.stats.lags.extend(now - b.first_seen for b in fresh)
@@ -584,10 +592,16 @@ class Adapter:
             return handled | {b.id for b in fresh}, True
 
     def _adopt(
-        self, tenant: str, state: TenantState, snapshot: Snapshot, tokens: int = 0, publish: bool = True
+        self,
+        tenant: str,
+        state: TenantState,
+        snapshot: Snapshot,
+        tokens: int = 0,
+        publish: bool = True,
+        drifts: list[float] | None = None,  # each layer's distance from the trained basis, when known
     ) -> None:
         state.version, state.bases, state.updated = snapshot.version, snapshot.bases, snapshot.created
-        state.drift = float(projection_distances(snapshot.bases, self.trained).max())
+        state.drifts = drifts or projection_distances(snapshot.bases, self.trained).tolist()
         state.tokens_seen += tokens
         if self.pending.version(tenant) not in (None, snapshot.version):
             self.pending.discard(tenant)

@@ -11,7 +11,7 @@ import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
 from star_serve.adaptation.bus import LocalBus, StatisticsBatch
-from star_serve.model import orthonormalize
+from star_serve.model import orthonormalize, projection_distances
 
 L, E, D = 2, 4, 16
 
@@ -104,3 +104,25 @@ def test_a_busy_tenant_publishes_no_more_often_than_its_minimum_interval(tmp_pat
 
     asyncio.run(scenario())
     assert len(bus.times) == 2 and bus.times[1] - bus.times[0] >= 0.5
+
+
+def test_a_tenants_drift_is_each_committed_layers_distance_from_the_trained_basis(tmp_path: Path) -> None:
+    adapter, _ = _adapter(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        for version in range(3):
+            bases = adapter.trained if version == 0 else adapter.tenants["acme"].bases
+            assert bases is not None
+            layer_scale = [1.0, 50.0]  # layer 1's tokens are huge: its step is capped, layer 0's is not
+            inputs = [s * torch.randn(16, D, generator=gen) for s in layer_scale]
+            adapter.observe("acme", version, bases, inputs, torch.full((L, E), 4))
+            assert await adapter.step("acme")
+        state = adapter.tenants["acme"]
+        assert state.bases is not None and state.drifts is not None
+        want = projection_distances(state.bases, adapter.trained)
+        torch.testing.assert_close(torch.tensor(state.drifts, dtype=torch.float64), want)
+        assert state.drift == max(state.drifts) > 0
+
+    asyncio.run(scenario())
