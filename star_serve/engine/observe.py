@@ -150,9 +150,9 @@ class _Forward:
 
 def _merged(forwards: list[_Forward]) -> _Forward:
     """The forwards as one, for a single capture pass: those of one sequence length side by side and,
-    where lengths differ, each real token as a sequence of its own, padding left out. Each operation of
-    a pass is a moment at which the engine thread may wait for the interpreter lock, so the fewer passes,
-    the less capture slows the engine."""
+    where lengths differ, each real token as a sequence of its own, padding left out. One pass for the
+    whole batch makes fewer operations than one per sequence length, and so hands the interpreter lock
+    back and forth with the engine thread less often."""
     by_length: dict[int, list[_Forward]] = {}
     for forward in forwards:
         by_length.setdefault(forward.router_inputs[0].shape[1], []).append(forward)
