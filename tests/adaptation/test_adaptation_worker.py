@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
+from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, Guardrails, LocalDirStore, TenantBank
 from star_serve.adaptation.bus import LocalBus, StatisticsBatch
 from star_serve.model import orthonormalize, projection_distances
 
@@ -107,22 +107,29 @@ def test_a_busy_tenant_publishes_no_more_often_than_its_minimum_interval(tmp_pat
 
 
 def test_a_tenants_drift_is_each_committed_layers_distance_from_the_trained_basis(tmp_path: Path) -> None:
-    adapter, _ = _adapter(tmp_path)
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    guard = Guardrails(max_distance=0.02)  # layer 1's large steps reach the cap at once; layer 0's small ones do not
+    config = AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9), guard=guard)
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config)
 
-    async def scenario() -> None:
+    async def scenario() -> list[list[float]]:
         await adapter.ensure_loaded("acme")
-        for version in range(3):
-            bases = adapter.trained if version == 0 else adapter.tenants["acme"].bases
-            assert bases is not None
-            layer_scale = [1.0, 50.0]  # layer 1's tokens are huge: its step is capped, layer 0's is not
-            inputs = [s * torch.randn(16, D, generator=gen) for s in layer_scale]
-            adapter.observe("acme", version, bases, inputs, torch.full((L, E), 4))
+        seen = []
+        for _ in range(4):
+            state = adapter.tenants["acme"]
+            bases = trained if state.bases is None else state.bases
+            inputs = [scale * torch.randn(16, D, generator=gen) for scale in (0.3, 50.0)]
+            adapter.observe("acme", state.version, bases, inputs, torch.full((L, E), 4))
             assert await adapter.step("acme")
-        state = adapter.tenants["acme"]
-        assert state.bases is not None and state.drifts is not None
-        want = projection_distances(state.bases, adapter.trained)
-        torch.testing.assert_close(torch.tensor(state.drifts, dtype=torch.float64), want)
-        assert state.drift == max(state.drifts) > 0
+            assert state.bases is not None and state.drifts is not None
+            want = projection_distances(state.bases, trained)
+            torch.testing.assert_close(torch.tensor(state.drifts, dtype=torch.float64), want)
+            assert state.drift == max(state.drifts)
+            seen.append(state.drifts)
+        return seen
 
-    asyncio.run(scenario())
+    seen = asyncio.run(scenario())
+    assert seen[0][0] < seen[-1][0]  # layer 0 kept stepping
+    assert seen[0][1] == seen[-1][1]  # layer 1 was refused after its first step, and kept its distance
