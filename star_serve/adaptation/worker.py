@@ -448,7 +448,6 @@ class Adapter:
                 tenants = [t for t, s in self.tenants.items() if s.loaded]
             try:
                 heads = await self.store.heads(self.model, tenants)  # one call, however many tenants
-                self.store_ok = True
             except Exception:
                 self._store_failed("polling versions")
                 continue
