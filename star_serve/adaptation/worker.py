@@ -315,10 +315,10 @@ class Adapter:
                 due = [t for t, s in self.tenants.items() if self._due(t, s)]
             for tenant in due:
                 try:
-                    await self.ensure_loaded(tenant)
+                    state = await self.ensure_loaded(tenant)
                     if self.syncing:
                         await self._commit_synced(tenant)
-                    else:
+                    elif self._due(tenant, state):  # a first-seen tenant was due to load, not yet to publish
                         await self._publish(tenant)
                     self.store_ok = True
                 except Exception:

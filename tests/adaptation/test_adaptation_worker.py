@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -133,3 +134,30 @@ def test_a_tenants_drift_is_each_committed_layers_distance_from_the_trained_basi
     seen = asyncio.run(scenario())
     assert seen[0][0] < seen[-1][0]  # layer 0 kept stepping
     assert seen[0][1] == seen[-1][1]  # layer 1 was refused after its first step, and kept its distance
+
+
+def test_a_first_seen_tenant_publishes_only_once_it_has_a_batch(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    config = AdaptationConfig(min_tokens=32, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9))
+    bus = _TimedBus()
+    adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus)
+
+    async def until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert condition()
+
+    async def scenario() -> None:
+        adapter.start()
+        _observe(adapter, 0)  # 16 tokens of a tenant not yet loaded: the worker loads it
+        await until(lambda: adapter.tenants["acme"].loaded)  # loading and what follows it run without a pause
+        assert bus.times == [] and adapter.pending.tokens("acme") == 16  # half a batch waits
+        _observe(adapter, 0)
+        await until(lambda: adapter.tenants["acme"].version == 1)
+        assert len(bus.times) == 1 and adapter.tenants["acme"].tokens_seen == 32
+        await adapter.stop()
+
+    asyncio.run(scenario())
