@@ -6,14 +6,22 @@ The engine reports plain stats objects; this module is the one place that turns 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .adaptation import Adapter, load_entropy
+from .adaptation import AdaptationReport, load_entropy
 from .engine.types import EngineStats, StepStats
+
+
+class Reporting(Protocol):
+    """An adapter, in this process or in one of its own."""
+
+    def report(self, top: int) -> AdaptationReport: ...
+
 
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -88,14 +96,14 @@ class ServingMetrics:
         """Reads running and waiting counts from the engines at scrape time."""
         self.registry.register(_EngineCollector(engines))
 
-    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, Adapter]]], top_tenants: int) -> None:
+    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, Reporting]]], top_tenants: int) -> None:
         """Reads the adaptation counters from the adapters at scrape time, and the health of their
         `top_tenants` busiest tenants (the rest as one "other")."""
         self.registry.register(_AdaptationCollector(adapters, top_tenants))
 
 
 class _AdaptationCollector(Collector):
-    def __init__(self, adapters: Callable[[], Iterable[tuple[str, Adapter]]], top_tenants: int) -> None:
+    def __init__(self, adapters: Callable[[], Iterable[tuple[str, Reporting]]], top_tenants: int) -> None:
         self._adapters, self._top = adapters, top_tenants
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
@@ -129,19 +137,20 @@ class _AdaptationCollector(Collector):
             labels=["model", "tenant"],
         )
         for name, adapter in self._adapters():
-            stats = adapter.stats
+            report = adapter.report(self._top)
+            stats = report.stats
             steps.add_metric([name], stats.steps)
             for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused"):
                 batches.add_metric([name, outcome], stats.batches[outcome])
             for outcome in ("sampled", "clipped", "rejected"):
                 tokens.add_metric([name, outcome], getattr(stats.captured, outcome))
-            tokens.add_metric([name, "dropped"], stats.captured.dropped + adapter.pending.dropped_tokens)
+            tokens.add_metric([name, "dropped"], stats.captured.dropped + report.dropped_tokens)
             writes.add_metric([name, "ok"], stats.steps + stats.rollbacks)
             writes.add_metric([name, "conflict"], stats.commits_lost)
             rollbacks.add_metric([name], stats.rollbacks)
             store_errors.add_metric([name], stats.store_errors)
-            store_up.add_metric([name], float(adapter.store_ok))
-            for health in adapter.health(self._top):
+            store_up.add_metric([name], float(report.store_ok))
+            for health in report.health:
                 drift.add_metric([name, health.tenant], health.drift)
                 if health.explained is not None:
                     explained.add_metric([name, health.tenant], health.explained)

@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -25,6 +26,19 @@ class BankView:
     index: torch.Tensor | None
     versions: list[int]
     rows: list[int]
+
+
+class BasesSink(Protocol):
+    """Where an adapter puts the versions it commits: the bank itself, or (with adaptation in a process of
+    its own) a link to the serving process's bank."""
+
+    trained: torch.Tensor | None
+
+    def publish(self, tenant: str, bases: torch.Tensor | None, version: int) -> None: ...
+
+    def relabel(self, tenant: str, version: int) -> None: ...
+
+    def row(self, tenant: str) -> torch.Tensor | None: ...
 
 
 class TenantBank:

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from ..model.gha import orthogonality_defects, projection_distances
-from .bank import BankView, TenantBank
+from .bank import BankView, BasesSink
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
 from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
 from .guardrails import Guardrails, guarded_step, load_entropies
@@ -110,12 +110,23 @@ class AdaptationStats:
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # oldest token -> commit, seconds
 
 
+@dataclass(frozen=True)
+class AdaptationReport:
+    """What the metrics read of an adapter at a scrape: its counters, the tokens its pending statistics
+    had no room for, whether its store answers, and the health of its busiest tenants."""
+
+    stats: AdaptationStats
+    dropped_tokens: int
+    store_ok: bool
+    health: list[TenantHealth]
+
+
 class Adapter:
     def __init__(
         self,
         model: str,
         trained: torch.Tensor,  # (L, E, D)
-        bank: TenantBank,
+        bank: BasesSink,
         store: SnapshotStore,
         config: AdaptationConfig,
         bus: StatisticsBus | None = None,
@@ -152,6 +163,15 @@ class Adapter:
                     self.bank.publish(tenant, state.bases, state.version)
                 return False
             return not state.frozen
+
+    def served_bases(self, tenant: str, version: int) -> torch.Tensor:
+        """The bases (L, E, D) of the tenant's `version`, when that is its current version (the only one
+        whose tokens count); the trained bases otherwise."""
+        with self._lock:
+            state = self.tenants.get(tenant)
+            if state is None or state.version != version or state.bases is None:
+                return self.trained
+            return state.bases
 
     def take(self, tenants: list[str | None], stats: ForwardStatistics, load: torch.Tensor) -> None:
         """Takes the statistics of one forward: group g of `stats` holds the tokens of `tenants[g]` (None:
@@ -626,6 +646,10 @@ class Adapter:
             explained = sum(s.traffic * (s.explained or 0.0) for s in seen) / total if total else None
             rows.append(TenantHealth(OTHER_TENANTS, max(s.drift for s in rest), explained))
         return rows
+
+    def report(self, top: int) -> AdaptationReport:
+        """The counters and health that the metrics export (`top` tenants by traffic, then "other")."""
+        return AdaptationReport(self.stats, self.pending.dropped_tokens, self.store_ok, self.health(top))
 
     # -- API ---------------------------------------------------------------------------------------
 

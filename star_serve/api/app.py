@@ -18,11 +18,12 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, SnapshotStore, TenantBank
-from ..adaptation.bus import LocalBus, RedisStatisticsBus, StatisticsBus
-from ..adaptation.redis_store import RedisSnapshotStore
+from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, TenantBank
+from ..adaptation.backends import Backends
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
+from ..engine.adaptation_process import AdaptationProcess
+from ..engine.observe import ForwardSink
 from ..engine.types import StepStats
 from ..metrics import ServingMetrics
 from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
@@ -65,7 +66,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     metrics.observe_alignment(name, model.router_alignment())
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype)
-    adapter = None
+    adapter: Adapter | AdaptationProcess | None = None
     if trained is not None and settings.adaptation != "off":
         adaptation = AdaptationConfig(
             mode=settings.adaptation,
@@ -78,19 +79,27 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
                 max_tokens_per_batch=settings.adaptation_token_budget,
             ),
         )
-        store: SnapshotStore
-        bus: StatisticsBus
-        if settings.redis_url:
-            store = RedisSnapshotStore.from_url(settings.redis_url, keep=settings.snapshot_keep)
-            bus = RedisStatisticsBus(store.redis, name, partitions=settings.adaptation_partitions)
+        backends = Backends(
+            settings.resolved_state_dir / "snapshots",
+            keep=settings.snapshot_keep,
+            redis_url=settings.redis_url,
+            partitions=settings.adaptation_partitions,
+        )
+        if _adapts_in_a_process(settings, device):
+            experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
+            adapter = AdaptationProcess(
+                name, trained, bank, adaptation, backends, *experts, top_tenants=settings.metrics_top_tenants
+            )
         else:
-            store = LocalDirStore(settings.resolved_state_dir / "snapshots", keep=settings.snapshot_keep)
-            bus = LocalBus()
-        adapter = Adapter(name, trained, bank, store, adaptation, bus)
+            store, bus = backends.open(name)
+            adapter = Adapter(name, trained, bank, store, adaptation, bus)
         adapter.on_commit = metrics.adaptation_lag.labels(name).observe
 
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
+
+    in_process = adapter if isinstance(adapter, Adapter) else None
+    observer: ForwardSink | None = adapter.observer if isinstance(adapter, AdaptationProcess) else None
 
     engine: GenerationEngine | ClassificationEngine
     if isinstance(model, StarMoeForCausalLM):
@@ -100,7 +109,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_prefill_batch=settings.max_prefill_batch,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, bank, config, on_step=on_step, adapter=adapter)
+        engine = GenerationEngine(model, tokenizer, bank, config, on_step, in_process, observer)
     else:
         assert isinstance(model, StarMoeForSequenceClassification)
         batcher = BatcherConfig(
@@ -108,10 +117,16 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_wait=settings.classify_max_wait_ms / 1000,
             max_waiting=max(1, settings.max_waiting * 4),
         )
-        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step=on_step, adapter=adapter)
+        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step, in_process, observer)
     return ServedModel(
         name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()), adapter=adapter
     )
+
+
+def _adapts_in_a_process(settings: Settings, device: torch.device) -> bool:
+    if settings.adaptation != "async" or settings.adaptation_process == "off":
+        return False
+    return settings.adaptation_process == "on" or device.type == "cpu"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -129,7 +144,9 @@ def create_app(settings: Settings) -> FastAPI:
             served = await asyncio.to_thread(load_served_model, name, directory, state)
             served.engine.start()
             if served.adapter is not None:
-                served.adapter.start()
+                served.adapter.start()  # from this thread: an adaptation process dies with the one that started it
+            if isinstance(served.adapter, AdaptationProcess):
+                await served.adapter.wait_ready()
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from ..adaptation import Adapter
 from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
+from ..engine.adaptation_process import AdaptationProcess
 from ..metrics import ServingMetrics
 from .errors import ApiError, NotFound
 from .tenants import TenantRegistry
@@ -23,7 +24,7 @@ class ServedModel:
     engine: GenerationEngine | ClassificationEngine
     tokenizer: PreTrainedTokenizerBase
     created: int
-    adapter: Adapter | None = None
+    adapter: Adapter | AdaptationProcess | None = None
 
 
 @dataclass
@@ -42,7 +43,7 @@ class AppState:
         for served in self.models.values():
             served.engine.draining = True
 
-    def adapted(self, name: str | None) -> Adapter:
+    def adapted(self, name: str | None) -> Adapter | AdaptationProcess:
         """The adapter of model `name`, which may be omitted when a single model is served."""
         if name is None:
             if len(self.models) != 1:

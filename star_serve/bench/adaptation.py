@@ -18,9 +18,11 @@ In one run:
     unlabeled corrupted paragraphs go through a real `ClassificationEngine` with the `Adapter` attached;
     then an engine without an adapter measures accuracy on the disjoint evaluation half with the trained
     bases ("frozen") and the tenant's ("adapted"); "warm" as in (a), from a tenant adapted on clean text.
-(c) Cost. Three real servers under the same loads (many tenants, and one), in rotating order:
-    `STAR_ADAPTATION=async` with the product's defaults (every forward captured), the same capturing a
-    quarter of the forwards (`STAR_ADAPTATION_SAMPLE_RATE`), and `off`; median tokens/s and the ratios to
+(c) Cost. Four real servers under the same loads (many tenants, and one), in rotating order:
+    `STAR_ADAPTATION=async` with the product's defaults (every forward captured; on a CPU, in an
+    adaptation process of its own), the same capturing a quarter of the forwards
+    (`STAR_ADAPTATION_SAMPLE_RATE`), the defaults with the adaptation in the serving process
+    (`STAR_ADAPTATION_PROCESS=off`), and `off`; median tokens/s and the ratios to
     `off`; the median and p99 token-to-commit lag from each async server's histogram, and how many
     tenants committed a version.
 
@@ -418,11 +420,13 @@ def _versions(url: str, tenants: int) -> list[int | None]:
     return found
 
 
-# The servers of (c): the product's defaults, the same capturing a quarter of the forwards, and off.
+# The servers of (c): the product's defaults, the same capturing a quarter of the forwards, the defaults
+# with the adaptation in the serving process (as on a GPU), and off.
 SAMPLED = 0.25
 COST_SERVERS = {
     "async": {"STAR_ADAPTATION": "async"},
     "async_sampled": {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_SAMPLE_RATE": str(SAMPLED)},
+    "async_inline": {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_PROCESS": "off"},
     "off": {"STAR_ADAPTATION": "off"},
 }
 
@@ -468,6 +472,7 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
             **{m: {"median_tokens_per_s": median[m], "runs": runs[n][m]} for m in modes},
             "ratio_on_off": paired_ratio(runs[n]["async"], runs[n]["off"]),
             "ratio_sampled_off": paired_ratio(runs[n]["async_sampled"], runs[n]["off"]),
+            "ratio_inline_off": paired_ratio(runs[n]["async_inline"], runs[n]["off"]),
         }
     results["ratio_on_off"] = results["loads"][str(cfg.tenants)]["ratio_on_off"]
     results["tenant_versions_after"] = versions
@@ -638,13 +643,13 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         "### (c) Cost: server throughput, adaptation on vs off",
         "",
         f"| load | `async` (default, sample rate {c['sample_rates'][0]:g}) tokens/s | `async`, sample rate "
-        f"{c['sample_rates'][1]:g} tokens/s | `off` tokens/s | ratio default/off (target ≥ 0.95) | ratio "
-        "sampled/off |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"{c['sample_rates'][1]:g} | `async` in the serving process | `off` | ratio default/off (target ≥ "
+        "0.95) | sampled/off | in the serving process/off |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, load in c["loads"].items():
         speeds = " | ".join(f"{load[m]['median_tokens_per_s']:.0f}" for m in COST_SERVERS)
-        ratios = f"**{load['ratio_on_off']:.2f}** | {load['ratio_sampled_off']:.2f}"
+        ratios = f"**{load['ratio_on_off']:.2f}** | {load['ratio_sampled_off']:.2f} | {load['ratio_inline_off']:.2f}"
         lines.append(f"| {n} tenant{'s' if n != '1' else ''} | {speeds} | {ratios} |")
     lines.append("")
     for mode, label in (("async", "the default server"), ("async_sampled", "the sampled server")):
@@ -659,7 +664,7 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         "",
         "Lags from each server's `star_adaptation_lag_seconds` histogram, interpolated within buckets as "
         f"`histogram_quantile`. {cfg.requests} requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`) from "
-        f"{cfg.concurrency} concurrent clients, request i as tenant i mod the load's tenants; the three servers "
+        f"{cfg.concurrency} concurrent clients, request i as tenant i mod the load's tenants; the four servers "
         f"side by side, in an order rotated every repeat; tokens/s are medians of {cfg.repeats} runs, ratios "
         "medians of each repeat's ratio.",
     ]

@@ -24,7 +24,7 @@ from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .load import ExpertLoad
-from .observe import Observer, route
+from .observe import ForwardSink, Observer, route
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -124,10 +124,13 @@ class GenerationEngine:
         config: EngineConfig = EngineConfig(),
         on_step: Callable[[StepStats], None] | None = None,
         adapter: Adapter | None = None,
+        observer: ForwardSink | None = None,  # where forwards go for adaptation; default: an Observer of `adapter`
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step, self.adapter = on_step, adapter
-        self._observer = None if adapter is None else Observer(adapter, model.config.num_local_experts)
+        self._observer: ForwardSink | None = observer
+        if observer is None and adapter is not None:
+            self._observer = Observer(adapter, model.config.num_local_experts)
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()

@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,6 +27,17 @@ def route(
         return bank.lookup(tenants), None
     view = bank.lookup(tenants, own=adapter.adapting(tenants))
     return view, adapter.sync_update(view, tenants, lengths)
+
+
+class ForwardSink(Protocol):
+    """Where the engine hands each forward for adaptation: an `Observer` in this process, or a
+    `ProcessObserver` that sends it to a process of its own."""
+
+    def submit(
+        self, tenants: list[str], lengths: list[int], view: BankView, out: Any, update: SyncUpdate | None = None
+    ) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Observer:
@@ -56,7 +67,7 @@ class Observer:
         self.sample_rate = adapter.config.capture.sample_rate
         self._capture_config = replace(adapter.config.capture, sample_rate=1.0)  # sampled forwards count whole
         self._sampler = random.Random(seed)
-        self._waiting: list[_Forward] = []
+        self._waiting: list[Forward] = []
         self._bases: dict[tuple[str, int], torch.Tensor] = {}  # (tenant, version) -> bases of the waiting
         self._tokens = 0  # real tokens of the forwards waiting
         self._closed = False
@@ -74,7 +85,7 @@ class Observer:
     ) -> None:
         if view.bank is None or view.index is None:
             return
-        forward = _Forward(tenants, lengths, view.versions, out.router_inputs, out.expert_indices)
+        forward = Forward(tenants, lengths, view.versions, out.router_inputs, out.expert_indices)
         if self.adapter.syncing:
             _synced(self.adapter, forward, self.num_experts, update)
             return
@@ -89,7 +100,7 @@ class Observer:
             if len(self._waiting) == 1 or self._tokens - tokens < self.batch_tokens <= self._tokens:
                 self._changed.notify_all()  # the first forward starts the delay; a full batch ends it
 
-    def _keep_bases(self, forward: _Forward, view: BankView) -> None:
+    def _keep_bases(self, forward: Forward, view: BankView) -> None:
         """Copies the bases of the (tenant, version) pairs that no waiting forward has yet brought: a
         version's bases never change, but its bank row may be reused once the forward is done."""
         assert view.bank is not None and view.index is not None
@@ -120,13 +131,15 @@ class Observer:
                 self._changed.notify_all()
             try:
                 with torch.inference_mode():
-                    _capture(self.adapter, _merged(forwards), bases, self.num_experts, self._capture_config)
+                    capture_forward(
+                        self.adapter, merge_forwards(forwards), bases, self.num_experts, self._capture_config
+                    )
             except Exception:
                 log.exception("capturing a forward's statistics failed; its tokens do not count")
 
 
 @dataclass
-class _Forward:
+class Forward:
     tenants: list[str]
     lengths: list[int]
     versions: list[int]
@@ -148,12 +161,12 @@ class _Forward:
         return torch.arange(seq_len)[None, :] < torch.tensor(self.lengths)[:, None]
 
 
-def _merged(forwards: list[_Forward]) -> _Forward:
+def merge_forwards(forwards: list[Forward]) -> Forward:
     """The forwards as one, for a single capture pass: those of one sequence length side by side and,
     where lengths differ, each real token as a sequence of its own, padding left out. One pass for the
     whole batch makes fewer operations than one per sequence length, and so hands the interpreter lock
     back and forth with the engine thread less often."""
-    by_length: dict[int, list[_Forward]] = {}
+    by_length: dict[int, list[Forward]] = {}
     for forward in forwards:
         by_length.setdefault(forward.router_inputs[0].shape[1], []).append(forward)
     parts = [same[0] if len(same) == 1 else _concatenated(same) for same in by_length.values()]
@@ -162,9 +175,9 @@ def _merged(forwards: list[_Forward]) -> _Forward:
     return _concatenated([_token_by_token(part) for part in parts])
 
 
-def _concatenated(forwards: list[_Forward]) -> _Forward:
+def _concatenated(forwards: list[Forward]) -> Forward:
     """Forwards of one sequence length as one, side by side."""
-    return _Forward(
+    return Forward(
         [t for f in forwards for t in f.tenants],
         [n for f in forwards for n in f.lengths],
         [v for f in forwards for v in f.versions],
@@ -173,12 +186,12 @@ def _concatenated(forwards: list[_Forward]) -> _Forward:
     )
 
 
-def _token_by_token(forward: _Forward) -> _Forward:
+def _token_by_token(forward: Forward) -> Forward:
     """The forward's real tokens, in order, each as a one-token sequence of its sequence's tenant."""
     if forward.router_inputs[0].shape[1] == 1:
         return forward
     real, repeat = forward.real(), forward.lengths
-    return _Forward(
+    return Forward(
         [t for t, n in zip(forward.tenants, repeat, strict=True) for _ in range(n)],
         [1] * sum(repeat),
         [v for v, n in zip(forward.versions, repeat, strict=True) for _ in range(n)],
@@ -187,9 +200,9 @@ def _token_by_token(forward: _Forward) -> _Forward:
     )
 
 
-def _capture(
+def capture_forward(
     adapter: Adapter,
-    forward: _Forward,
+    forward: Forward,
     served: dict[tuple[str, int], torch.Tensor],
     num_experts: int,
     config: CaptureConfig,
@@ -205,7 +218,7 @@ def _capture(
     adapter.take([t if ok else None for t, ok in zip(names, accepted, strict=True)], stats, load)
 
 
-def _synced(adapter: Adapter, forward: _Forward, num_experts: int, update: SyncUpdate | None) -> None:
+def _synced(adapter: Adapter, forward: Forward, num_experts: int, update: SyncUpdate | None) -> None:
     names, groups, versions, real = forward.grouped()
     load = expert_load(forward.expert_indices, real, groups, len(names), num_experts)  # (G, L, E)
     for g, tenant in enumerate(names):

@@ -226,6 +226,7 @@ def _cost_shape(cfg: AdaptationBenchConfig) -> dict[str, Any]:
         **{mode: {"median_tokens_per_s": 1.0, "runs": [1.0]} for mode in COST_SERVERS},
         "ratio_on_off": 1.0,
         "ratio_sampled_off": 1.0,
+        "ratio_inline_off": 1.0,
     }
     lag = {"median": 0.8, "p99": 4.5, "commits": 12}
     return {

@@ -4,7 +4,9 @@ stay isolated, settings and state survive a kill -9, and reset and rollback rest
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import pytest
 import torch
 
 from star_serve.adaptation.store import LocalDirStore
@@ -36,14 +38,30 @@ def _adapt(server: Server, tenant: str, versions: int) -> None:
     wait_until(committed, timeout=60, what=f"{tenant} reaching version {versions}")
 
 
+def _adaptation_processes(server: Server) -> list[int]:
+    """The server's child processes that run its adaptation (spawned by multiprocessing)."""
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has died: only its exit status waits to be collected
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _stored(server: Server, tenant: str, version: int) -> torch.Tensor:
     snapshot = asyncio.run(LocalDirStore(server.state_dir / "snapshots").load(LM_NAME, tenant, version))
     assert snapshot is not None
     return snapshot.bases
 
 
-def test_traffic_commits_versions_for_its_tenant_only(launch: Launcher) -> None:
-    server = launch(env=ENV)
+@pytest.mark.parametrize("where", ["on", "off"])  # in the adaptation process (the CPU default), in this one
+def test_traffic_commits_versions_for_its_tenant_only(launch: Launcher, where: str) -> None:
+    server = launch(env={**ENV, "STAR_ADAPTATION_PROCESS": where})
+    assert len(_adaptation_processes(server)) == (2 if where == "on" else 0)  # one per model: the LM, the classifier
     frozen = {"frozen": True}  # the bystander's own requests must not adapt it either
     server.http.patch("/v1/subspace", params={"model": LM_NAME}, json=frozen, headers={"X-Tenant": "bystander"})
     untouched_before = _complete(server, "bystander")
@@ -99,7 +117,10 @@ def test_versions_survive_kill_9(launch: Launcher) -> None:
     _adapt(server, "durable", versions=2)
     version = _subspace(server, "durable")["version"]
     stored = _stored(server, "durable", version)
+    adaptations = _adaptation_processes(server)
+    assert adaptations
     server.kill()
+    wait_until(lambda: not any(map(_alive, adaptations)), 10, "the adaptation processes to die with the server")
 
     restarted = launch(env=ENV, state_dir=server.state_dir)
     assert _subspace(restarted, "durable")["version"] == version

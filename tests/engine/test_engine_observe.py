@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank, capture
-from star_serve.engine.observe import Observer, _Forward, _merged
+from star_serve.engine.observe import Forward, Observer, merge_forwards
 from star_serve.model import orthonormalize
 
 L, E, D, K = 2, 4, 16, 2
@@ -78,9 +78,9 @@ def test_the_sample_rate_keeps_whole_forwards(tmp_path: Path) -> None:
 
 def test_a_tenants_sequences_of_two_versions_stay_apart() -> None:
     out = _out(1, 1, 0)
-    one = _Forward(["a"], [1], [0], out.router_inputs, out.expert_indices)
-    two = _Forward(["a"], [1], [1], out.router_inputs, out.expert_indices)
-    merged = _merged([one, two])
+    one = Forward(["a"], [1], [0], out.router_inputs, out.expert_indices)
+    two = Forward(["a"], [1], [1], out.router_inputs, out.expert_indices)
+    merged = merge_forwards([one, two])
     names, groups, versions, _ = merged.grouped()
     assert (names, groups.tolist(), versions) == (["a", "a"], [0, 1], [0, 1])
 
@@ -88,10 +88,10 @@ def test_a_tenants_sequences_of_two_versions_stay_apart() -> None:
 def test_forwards_of_different_lengths_make_one_pass_of_their_real_tokens() -> None:
     prefill, decode = _out(2, 5, 0), _out(3, 1, 1)
     forwards = [
-        _Forward(["a", "b"], [5, 2], [0, 0], prefill.router_inputs, prefill.expert_indices),
-        _Forward(["b", "a", "c"], [1, 1, 1], [0, 0, 3], decode.router_inputs, decode.expert_indices),
+        Forward(["a", "b"], [5, 2], [0, 0], prefill.router_inputs, prefill.expert_indices),
+        Forward(["b", "a", "c"], [1, 1, 1], [0, 0, 3], decode.router_inputs, decode.expert_indices),
     ]
-    merged = _merged(forwards)
+    merged = merge_forwards(forwards)
     assert merged.tenants == ["a"] * 5 + ["b"] * 2 + ["b", "a", "c"]
     assert merged.versions == [0] * 9 + [3] and merged.lengths == [1] * 10
     for layer in range(L):

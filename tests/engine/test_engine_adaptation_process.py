@@ -1,0 +1,140 @@
+"""Adaptation in a process of its own (a real child process, a real snapshot directory): the versions it
+commits are the guarded steps of the forwards submitted, they reach the serving process's bank, calls and
+their errors cross over, a full ring drops and counts instead of blocking, and the engine's side outlives
+the process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from star_serve.adaptation import AdaptationConfig, CaptureConfig, LocalDirStore, TenantBank, capture, guarded_step
+from star_serve.adaptation.backends import Backends
+from star_serve.engine.adaptation_process import RING_TOKENS, AdaptationProcess
+from star_serve.model import orthonormalize
+
+L, E, D, K = 2, 4, 16, 1
+TOKENS = 48  # a tenant's tokens per step
+
+
+def _trained() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+
+
+def _process(tmp_path: Path) -> tuple[AdaptationProcess, TenantBank]:
+    trained = _trained()
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    config = AdaptationConfig(min_tokens=TOKENS, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9))
+    return AdaptationProcess("lm", trained, bank, config, Backends(tmp_path), E, K, top_tenants=4), bank
+
+
+def _run(tmp_path: Path, scenario: Callable[[AdaptationProcess, TenantBank], Awaitable[None]]) -> None:
+    """Runs `scenario` against a started adaptation process, and stops it."""
+
+    async def run() -> None:
+        process, bank = _process(tmp_path)
+        process.start()
+        try:
+            await process.wait_ready()
+            await scenario(process, bank)
+        finally:
+            await process.stop()
+
+    asyncio.run(run())
+
+
+def _out(batch: int, seq_len: int, seed: int) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    experts = torch.arange(batch * seq_len * K).remainder(E).view(batch, seq_len, K)  # every expert used
+    return SimpleNamespace(
+        router_inputs=[torch.randn(batch, seq_len, D, generator=gen) for _ in range(L)],
+        expert_indices=[experts.clone() for _ in range(L)],
+    )
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_committed_version_is_the_guarded_step_of_the_submitted_tokens(tmp_path: Path) -> None:
+    _run(tmp_path, _committed_version_is_the_guarded_step)
+
+
+async def _committed_version_is_the_guarded_step(process: AdaptationProcess, bank: TenantBank) -> None:
+    await process.ensure_loaded("a")
+    forwards = [(["a", "b"], [40, 3], _out(2, 40, 0)), (["b", "a"], [1, 1], _out(2, 1, 1)), (["a"], [7], _out(1, 7, 2))]
+    for tenants, lengths, out in forwards:  # "a": 48 tokens, one step; "b": 4, none
+        process.observer.submit(tenants, lengths, bank.lookup(tenants), out)
+
+    await _until(lambda: bank.version("a") == 1, "tenant a's first version in the bank")
+    pieces = [
+        [x[i, :n] for x in out.router_inputs]
+        for tenants, lengths, out in forwards
+        for i, (t, n) in enumerate(zip(tenants, lengths, strict=True))
+        if t == "a"
+    ]
+    config = process.config
+    stats = capture(_trained(), [torch.cat(layer) for layer in zip(*pieces, strict=True)], 0, config.capture)
+    want, _ = guarded_step(_trained(), _trained(), stats, config.learning_rate, config.guard)
+    stored = await LocalDirStore(process.backends.directory).latest("lm", "a")
+    assert stored is not None and stored.version == 1
+    torch.testing.assert_close(stored.bases, want)
+    view = bank.lookup(["a"])
+    assert view.bank is not None
+    torch.testing.assert_close(view.bank[0], want)  # the serving process routes with it
+    assert bank.version("b") == 0
+
+    report = process.report(4)
+    assert report.stats.steps == 1 and report.stats.captured.sampled == TOKENS + 4
+    assert report.stats.batches["applied"] == 1 and report.dropped_tokens == 0
+
+
+def test_calls_and_their_errors_cross_over(tmp_path: Path) -> None:
+    _run(tmp_path, _calls_and_their_errors_cross_over)
+
+
+async def _calls_and_their_errors_cross_over(process: AdaptationProcess, bank: TenantBank) -> None:
+    await process.configure("a", True, 0.2)
+    described = await process.describe("a")
+    assert described["frozen"] is True and described["learning_rate"] == 0.2 and described["version"] == 0
+    with pytest.raises(KeyError):
+        await process.rollback("a", 5)
+    assert await process.reset("a") == 1
+    await _until(lambda: bank.version("a") == 1, "the reset's version in the bank")
+
+
+def test_a_full_ring_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+    process, bank = _process(tmp_path)  # never started: nothing reads the ring
+    out = _out(32, 1, 0)
+    tenants = [f"t{i}" for i in range(32)]
+    forwards = RING_TOKENS // 32 + 10
+    for _ in range(forwards):
+        process.observer.submit(tenants, [1] * 32, bank.lookup(tenants), out)
+    written = 32 * forwards - process.observer.dropped_tokens
+    assert 0 < written <= RING_TOKENS and process.observer.dropped_tokens >= 10 * 32
+
+
+def test_serving_outlives_the_adaptation_process(tmp_path: Path) -> None:
+    _run(tmp_path, _serving_outlives_the_adaptation_process)
+
+
+async def _serving_outlives_the_adaptation_process(process: AdaptationProcess, bank: TenantBank) -> None:
+    process._process.kill()
+    await asyncio.to_thread(process._process.join, 10)
+    out = _out(2, 1, 0)
+    for _ in range(3):  # the engine's side neither blocks nor raises
+        process.observer.submit(["a", "b"], [1, 1], bank.lookup(["a", "b"]), out)
+    with pytest.raises(ConnectionError):
+        await process.describe("a")
+    assert not process.store_ok  # /ready reports the store degraded
