@@ -432,7 +432,7 @@ COST_SERVERS = {
 
 
 def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    """Tokens/s of three servers (COST_SERVERS) under the same loads; each repeat runs every load on each
+    """Tokens/s of the servers (COST_SERVERS) under the same loads; each repeat runs every load on each
     server, in an order that rotates from repeat to repeat."""
     from ..config import Settings
     from ..training.corpus import lm_corpus
