@@ -51,10 +51,11 @@ PIPE_BYTES = 32768  # forwards' messages waiting at most: half a pipe's buffer, 
 CALL_TIMEOUT = 60.0  # seconds a call into the adaptation process may take
 REPORT_TIMEOUT = 1.0  # seconds a scrape waits for a fresh report before using the last one
 REPORT_INTERVAL = 1.0  # seconds between reports unasked for (they bring the commits' lags)
+RESTART_DELAY = 3.0  # seconds before starting again an adaptation process that died soon after its start
 
 
 @dataclass(frozen=True)
-class _Ring:
+class SharedRing:
     """Shared between the two processes: the router inputs (L, C, D) and experts (L, C, k) of waiting
     tokens, and how far the adaptation process has read: [tokens, message bytes], written by it alone."""
 
@@ -63,7 +64,7 @@ class _Ring:
     read: torch.Tensor
 
     @classmethod
-    def create(cls, layers: int, dim: int, top_k: int, tokens: int = RING_TOKENS) -> _Ring:
+    def create(cls, layers: int, dim: int, top_k: int, tokens: int = RING_TOKENS) -> SharedRing:
         return cls(
             torch.zeros(layers, tokens, dim).share_memory_(),
             torch.zeros(layers, tokens, top_k, dtype=torch.long).share_memory_(),
@@ -73,27 +74,44 @@ class _Ring:
 
 class ProcessObserver:
     """The engine's side: copies each captured forward's real tokens into the ring and names them in the
-    pipe. It never waits: a forward that finds the ring full is dropped, and counted."""
+    pipe. It never waits: a forward that finds the ring full, or no adaptation process, is dropped and
+    counted."""
 
-    def __init__(self, ring: _Ring, forwards: Connection, sample_rate: float, seed: int | None = None) -> None:
-        self._ring, self._pipe, self.sample_rate = ring, forwards, sample_rate
+    def __init__(self, sample_rate: float, seed: int | None = None) -> None:
+        self.sample_rate = sample_rate
         self._sampler = random.Random(seed)
+        self._lock = threading.Lock()  # an attach (a restarted process) against the engine's submits
+        self._ring: SharedRing | None = None
+        self._pipe: Connection | None = None
         self._written = 0  # tokens written, counting the ring's end skipped when a forward does not fit
         self._sent = 0  # bytes of messages sent
         self.dropped_tokens = 0
 
+    def attach(self, ring: SharedRing, pipe: Connection) -> None:
+        """Sends forwards to a (new) adaptation process from now on."""
+        with self._lock:
+            if self._pipe is not None:
+                self._pipe.close()
+            self._ring, self._pipe, self._written, self._sent = ring, pipe, 0, 0
+
     def submit(
         self, tenants: list[str], lengths: list[int], view: BankView, out: Any, update: SyncUpdate | None = None
     ) -> None:
-        if view.bank is None or self._pipe.closed:
+        if view.bank is None or (self.sample_rate < 1.0 and self._sampler.random() >= self.sample_rate):
             return
-        if self.sample_rate < 1.0 and self._sampler.random() >= self.sample_rate:
+        with self._lock:
+            self._send(tenants, lengths, view.versions, out)
+
+    def _send(self, tenants: list[str], lengths: list[int], versions: list[int], out: Any) -> None:
+        n = sum(lengths)
+        if self._ring is None or self._pipe is None or self._pipe.closed:
+            self.dropped_tokens += n
             return
-        n, capacity = sum(lengths), self._ring.inputs.shape[1]
+        capacity = self._ring.inputs.shape[1]
         at = self._written % capacity
         skip = capacity - at if at + n > capacity else 0  # a forward is contiguous in the ring
         start, end = (at + skip) % capacity, self._written + skip + n
-        message = pickle.dumps((start, n, end, tenants, lengths, view.versions))
+        message = pickle.dumps((start, n, end, tenants, lengths, versions))
         read_tokens, read_bytes = self._ring.read.tolist()
         if end - read_tokens > capacity or self._sent + len(message) - read_bytes > PIPE_BYTES:
             self.dropped_tokens += n
@@ -116,10 +134,11 @@ class ProcessObserver:
 
     def close(self) -> None:
         """Tells the adaptation process that no more forwards come; it captures what is waiting."""
-        if not self._pipe.closed:
-            with contextlib.suppress(OSError):  # the adaptation process may be gone
-                self._pipe.send(None)
-            self._pipe.close()
+        with self._lock:
+            if self._pipe is not None and not self._pipe.closed:
+                with contextlib.suppress(OSError):  # the adaptation process may be gone
+                    self._pipe.send(None)
+                self._pipe.close()
 
 
 class _Link:
@@ -160,21 +179,16 @@ class AdaptationProcess:
         self.syncing = False
         self.on_commit: Callable[[float], None] | None = None
         layers, _, dim = trained.shape
-        self._ring = _Ring.create(layers, dim, top_k)
-        context = multiprocessing.get_context("spawn")
-        self._control, child_control = context.Pipe()
-        forwards_in, forwards_out = context.Pipe(duplex=False)
-        self.observer = ProcessObserver(self._ring, forwards_out, config.capture.sample_rate)
+        self._layout = (layers, dim, top_k)
         capture = replace(config.capture, sample_rate=1.0)  # sampled forwards count whole
-        child_config = replace(config, capture=capture)
-        self._process = context.Process(
-            target=_main,
-            args=(model, trained.detach().float().cpu(), child_config, backends, num_experts, top_tenants),
-            kwargs={"control": child_control, "forwards": forwards_in, "ring": self._ring},
-            name=f"star-adaptation-{model}",
-            daemon=True,
-        )
-        self._child_ends = (child_control, forwards_in)
+        trained = trained.detach().float().cpu()
+        self._args = (model, trained, replace(config, capture=capture), backends, num_experts, top_tenants)
+        self.observer = ProcessObserver(config.capture.sample_rate)
+        self.restarts = 0
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._control: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = 0.0
         self._send_lock = threading.Lock()
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._ids = itertools.count()
@@ -183,16 +197,39 @@ class AdaptationProcess:
         self._ready = threading.Event()
         self._stopping = False
         self._loaded: set[str] = set()
-        self._reader = threading.Thread(target=self._read, name=f"adaptation-link-{model}", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the adaptation process. Call from the main thread: the process dies with its starter."""
-        self._process.start()
-        for end in self._child_ends:
-            end.close()
-        self._reader.start()
+        """Starts the adaptation process, from the event loop's thread: the process dies with the thread
+        that started it, and is started again from there if it dies before the server stops."""
+        self._loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")
+        ring = SharedRing.create(*self._layout)
+        control, child_control = context.Pipe()
+        forwards_in, forwards_out = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_main,
+            args=self._args,
+            kwargs={"control": child_control, "forwards": forwards_in, "ring": ring},
+            name=f"star-adaptation-{self.model}",
+            daemon=True,
+        )
+        process.start()
+        child_control.close()
+        forwards_in.close()
+        self._ready.clear()
+        self._loaded.clear()  # the new process loads each tenant again on its next request
+        self._process, self._control, self._started = process, control, time.monotonic()
+        self.observer.attach(ring, forwards_out)
+        threading.Thread(
+            target=self._read, args=(process, control), name=f"adaptation-link-{self.model}", daemon=True
+        ).start()
+
+    def _restart(self) -> None:
+        if not self._stopping:
+            self.restarts += 1
+            self.start()
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         if not await asyncio.to_thread(self._ready.wait, timeout):
@@ -203,19 +240,22 @@ class AdaptationProcess:
         over as `Adapter.stop` does, and exits."""
         self._stopping = True
         self.observer.close()
-        if self._process.is_alive():
+        process, control = self._process, self._control
+        if process is None or control is None:
+            return
+        if process.is_alive():
             try:
                 await self._call("stop")
             except (ConnectionError, TimeoutError):
                 log.warning("the adaptation process of %s did not stop cleanly", self.model, exc_info=True)
-        await asyncio.to_thread(self._process.join, 30)
-        if self._process.is_alive():
-            self._process.kill()
-        self._control.close()
+        await asyncio.to_thread(process.join, 30)
+        if process.is_alive():
+            process.kill()
+        control.close()
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._process is not None and self._process.is_alive()
 
     # -- what the API and the metrics ask ------------------------------------------------------------
 
@@ -264,6 +304,8 @@ class AdaptationProcess:
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._send_lock:
+            if self._control is None:
+                raise OSError("the adaptation process has not started")
             self._control.send(message)
 
     async def _call(self, method: str, *args: Any) -> Any:
@@ -280,11 +322,12 @@ class AdaptationProcess:
         finally:
             self._calls.pop(key, None)
 
-    def _read(self) -> None:
-        """Applies what the adaptation process sends, until it is gone."""
+    def _read(self, process: multiprocessing.process.BaseProcess, control: Connection) -> None:
+        """Applies what the adaptation process sends, until it is gone; then starts another unless the
+        server is stopping (at once if it ran a while, after RESTART_DELAY if it died young)."""
         while True:
             try:
-                message = self._control.recv()
+                message = control.recv()
             except (EOFError, OSError):
                 break
             kind = message[0]
@@ -306,10 +349,21 @@ class AdaptationProcess:
                     loop.call_soon_threadsafe(_settle, future, value, error)
             elif kind == "ready":
                 self._ready.set()
-        if not self._stopping:
-            log.error("the adaptation process of %s is gone; serving goes on with the bases it committed", self.model)
         for loop, future in list(self._calls.values()):
             loop.call_soon_threadsafe(_settle, future, None, ConnectionError("the adaptation process is gone"))
+        if self._stopping or self._loop is None or self._loop.is_closed():
+            return
+        process.join(5)
+        delay = 0.0 if time.monotonic() - self._started > RESTART_DELAY * 10 else RESTART_DELAY
+        log.error(
+            "the adaptation process of %s exited (code %s); serving goes on with the bases it committed, and "
+            "a new one starts in %.0f s",
+            self.model,
+            process.exitcode,
+            delay,
+        )
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay, self._restart)
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
@@ -337,7 +391,7 @@ def _main(
     *,
     control: Connection,
     forwards: Connection,
-    ring: _Ring,
+    ring: SharedRing,
 ) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process stops this one, after its engine
@@ -362,7 +416,7 @@ async def _serve(
     top_tenants: int,
     control: Connection,
     forwards: Connection,
-    ring: _Ring,
+    ring: SharedRing,
 ) -> None:
     loop = asyncio.get_running_loop()
     send_lock = threading.Lock()  # taken after the adapter's lock, never before it
@@ -439,7 +493,7 @@ async def _serve(
 
 
 def _capture_forwards(
-    adapter: Adapter, forwards: Connection, ring: _Ring, num_experts: int, config: CaptureConfig
+    adapter: Adapter, forwards: Connection, ring: SharedRing, num_experts: int, config: CaptureConfig
 ) -> None:
     """Takes forwards from the ring and captures them in batches, as the in-process observer does: once
     `CAPTURE_BATCH_TOKENS` are waiting, or the first has waited `CAPTURE_MAX_DELAY` seconds."""
@@ -473,7 +527,7 @@ def _capture_forwards(
 
 
 def _forward_of(
-    ring: _Ring, start: int, n: int, written: int, tenants: list[str], lengths: list[int], versions: list[int]
+    ring: SharedRing, start: int, n: int, written: int, tenants: list[str], lengths: list[int], versions: list[int]
 ) -> Forward:
     """A forward's real tokens out of the ring, each as a one-token sequence of its sequence's tenant (as
     the in-process observer merges forwards of different lengths); its place in the ring is then free."""

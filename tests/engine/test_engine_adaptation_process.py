@@ -1,11 +1,12 @@
 """Adaptation in a process of its own (a real child process, a real snapshot directory): the versions it
 commits are the guarded steps of the forwards submitted, they reach the serving process's bank, calls and
-their errors cross over, a full ring drops and counts instead of blocking, and the engine's side outlives
-the process."""
+their errors cross over, a full ring drops and counts instead of blocking, and a dead adaptation process
+is replaced while serving goes on."""
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from star_serve.adaptation import AdaptationConfig, CaptureConfig, LocalDirStore, TenantBank, capture, guarded_step
 from star_serve.adaptation.backends import Backends
-from star_serve.engine.adaptation_process import RING_TOKENS, AdaptationProcess
+from star_serve.engine.adaptation_process import RING_TOKENS, AdaptationProcess, ProcessObserver, SharedRing
 from star_serve.model import orthonormalize
 
 L, E, D, K = 2, 4, 16, 1
@@ -114,27 +115,40 @@ async def _calls_and_their_errors_cross_over(process: AdaptationProcess, bank: T
     await _until(lambda: bank.version("a") == 1, "the reset's version in the bank")
 
 
-def test_a_full_ring_drops_and_counts_without_blocking(tmp_path: Path) -> None:
-    process, bank = _process(tmp_path)  # never started: nothing reads the ring
+def test_a_full_ring_drops_and_counts_without_blocking() -> None:
+    reader, writer = multiprocessing.Pipe(duplex=False)  # nothing reads what is sent
+    observer = ProcessObserver(1.0)
+    observer.attach(SharedRing.create(L, D, K), writer)
+    bank = TenantBank(_trained(), torch.device("cpu"), torch.float32)
     out = _out(32, 1, 0)
     tenants = [f"t{i}" for i in range(32)]
     forwards = RING_TOKENS // 32 + 10
     for _ in range(forwards):
-        process.observer.submit(tenants, [1] * 32, bank.lookup(tenants), out)
-    written = 32 * forwards - process.observer.dropped_tokens
-    assert 0 < written <= RING_TOKENS and process.observer.dropped_tokens >= 10 * 32
+        observer.submit(tenants, [1] * 32, bank.lookup(tenants), out)
+    written = 32 * forwards - observer.dropped_tokens
+    assert 0 < written <= RING_TOKENS and observer.dropped_tokens >= 10 * 32
+    reader.close()
 
 
-def test_serving_outlives_the_adaptation_process(tmp_path: Path) -> None:
-    _run(tmp_path, _serving_outlives_the_adaptation_process)
+def test_a_dead_adaptation_process_is_replaced_and_serving_goes_on(tmp_path: Path) -> None:
+    _run(tmp_path, _a_dead_adaptation_process_is_replaced)
 
 
-async def _serving_outlives_the_adaptation_process(process: AdaptationProcess, bank: TenantBank) -> None:
-    process._process.kill()
-    await asyncio.to_thread(process._process.join, 10)
+async def _a_dead_adaptation_process_is_replaced(process: AdaptationProcess, bank: TenantBank) -> None:
+    first = process._process
+    assert first is not None
+    first.kill()  # a crash
+    await asyncio.to_thread(first.join, 10)
+    assert not process.store_ok  # /ready reports the store degraded meanwhile
     out = _out(2, 1, 0)
     for _ in range(3):  # the engine's side neither blocks nor raises
         process.observer.submit(["a", "b"], [1, 1], bank.lookup(["a", "b"]), out)
     with pytest.raises(ConnectionError):
         await process.describe("a")
-    assert not process.store_ok  # /ready reports the store degraded
+
+    await _until(lambda: process.restarts == 1, "a new adaptation process", timeout=30)
+    await process.wait_ready()
+    assert process.store_ok and process._process is not first
+    await process.ensure_loaded("a")
+    process.observer.submit(["a"], [TOKENS], bank.lookup(["a"]), _out(1, TOKENS, 3))  # a step's worth
+    await _until(lambda: bank.version("a") == 1, "a version committed by the new process")
