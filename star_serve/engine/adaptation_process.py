@@ -12,7 +12,8 @@ engine one copy of each forward's router inputs:
     API, metrics ◄──────── calls, reports ◄───────────► control thread
 
 The adaptation process runs the same `Adapter` as the embedded pipeline, with the same store and bus (a
-local directory or Redis). It dies with the serving process: a kill of one is a kill of both.
+local directory or Redis). It dies with the serving process (a kill of one is a kill of both); should it
+die alone, the serving process starts another and serves on meanwhile with the bases committed so far.
 """
 
 from __future__ import annotations
