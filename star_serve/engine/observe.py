@@ -140,6 +140,9 @@ class Observer:
 
 @dataclass
 class Forward:
+    """One forward as the capture sees it: each sequence's tenant, real tokens and basis version, and every
+    layer's router inputs and expert choices."""
+
     tenants: list[str]
     lengths: list[int]
     versions: list[int]
