@@ -480,8 +480,8 @@ async def _serve(
             except (EOFError, OSError):  # the serving process is gone
                 loop.call_soon_threadsafe(end)
                 return
-            if message[0] == "report":  # answered from this thread, without waiting for the loop
-                report(message[1])
+            if message[0] == "report":  # on the loop, between its steps: counters that agree with the store
+                loop.call_soon_threadsafe(report, message[1])
             elif message[0] == "call":
                 _, key, method, args = message
                 asyncio.run_coroutine_threadsafe(call(key, method, args), loop)
