@@ -312,6 +312,7 @@ class GenerationEngine:
             use_cache=True,
             router_bank=view.bank,
             tenant_index=view.index,
+            router_rows=view.gathered,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
             router_update=update,
         )

@@ -268,6 +268,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         tenant_index: torch.Tensor | None = None,  # (B,)
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
+        router_rows: torch.Tensor | None = None,  # (B, L, E, D): router_bank[tenant_index], already gathered
         **kwargs: object,
     ) -> StarMoeModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -298,7 +299,9 @@ class StarMoeModel(StarMoePreTrainedModel):
             bases = None
             if router_bank is not None and router_bank.shape[0] == 1:  # one shared bank row (E, D)
                 bases = router_bank[0, i]
-            elif router_bank is not None and tenant_index is not None:  # one row per sequence (B, E, D)
+            elif router_rows is not None and router_update is None:  # one row per sequence (B, E, D)
+                bases = router_rows[:, i]
+            elif router_bank is not None and tenant_index is not None:
                 # index_select: a third of the time of advanced indexing, router_bank[tenant_index, i]
                 bases = router_bank[:, i].index_select(0, tenant_index)
             x, logits, experts = layer.route(x, router_input, bases, token_mask)
@@ -354,6 +357,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
+        router_rows: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs: object,
     ) -> StarMoeCausalLMOutput:
@@ -369,6 +373,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             tenant_index=tenant_index,
             output_routing=output_routing,
             router_update=router_update,
+            router_rows=router_rows,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, S, V)
@@ -416,6 +421,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
+        router_rows: torch.Tensor | None = None,
         **kwargs: object,
     ) -> StarMoeSequenceClassifierOutput:
         out = self.model(
@@ -427,6 +433,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
             tenant_index=tenant_index,
             output_routing=output_routing,
             router_update=router_update,
+            router_rows=router_rows,
         )
         hidden = out.last_hidden_state  # (B, S, D)
         b, s, _ = hidden.shape

@@ -61,6 +61,25 @@ def test_published_bases_appear_at_the_next_lookup_with_their_version() -> None:
     assert bank.resident() == 1  # a new version reuses the tenant's row
 
 
+def test_a_batchs_gathered_rows_are_reused_until_its_rows_or_the_bank_change() -> None:
+    bank, trained = _bank()
+    bank.publish("a", _bases(1), version=1)
+    bank.publish("b", _bases(2), version=1)
+    first = bank.lookup(["a", "b", "x"])
+    assert first.gathered is not None and first.bank is not None and first.index is not None
+    assert torch.equal(first.gathered, first.bank[first.index])  # (B, L, E, D), each sequence's rows
+    assert torch.equal(first.gathered[2], trained)
+    again = bank.lookup(["a", "b", "x"])
+    assert again.gathered is first.gathered  # the next decode step of the same batch: no new gather
+
+    bank.publish("b", _bases(3), version=2)  # a new version: gathered anew
+    moved = bank.lookup(["a", "b", "x"])
+    assert moved.gathered is not first.gathered and torch.equal(moved.gathered[1], _bases(3))
+    other = bank.lookup(["b", "a"])  # other rows: gathered anew
+    assert other.gathered is not None and torch.equal(other.gathered[0], _bases(3))
+    assert bank.lookup(["x", "y"]).gathered is None  # one row for the whole batch: nothing to gather
+
+
 def test_publish_copies_the_bases() -> None:
     bank, _ = _bank()
     own = _bases(1)

@@ -31,6 +31,8 @@ def test_mixed_tenant_batch_equals_each_sequence_alone(
     tenants = torch.tensor([0, 1, 2, 2, 1, 0])
     with torch.no_grad():
         mixed = model(ids, router_bank=bank, tenant_index=tenants, output_routing=True)
+        gathered = model(ids, router_rows=bank[tenants], output_routing=True)  # the rows gathered beforehand
+        assert torch.equal(gathered.logits, mixed.logits)
         for i, t in enumerate(tenants.tolist()):
             alone = model(
                 ids[i : i + 1],
