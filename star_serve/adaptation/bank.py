@@ -93,9 +93,10 @@ class TenantBank:
             return None
         return self._stack[self._rows[tenant][0]]
 
-    def lookup(self, tenants: Sequence[str], own: Collection[str] = ()) -> BankView:
+    def lookup(self, tenants: Sequence[str], own: Collection[str] = (), gather: bool = True) -> BankView:
         """The bank and per-sequence rows for a batch whose sequences belong to `tenants`; those in `own`
-        get a row of their own (a copy of the trained bases) if they have none. Engine thread only."""
+        get a row of their own (a copy of the trained bases) if they have none. With `gather`, a batch of
+        several rows also gets them gathered per sequence. Engine thread only."""
         if self._stack is None:
             return BankView(None, None, [0] * len(tenants), [0] * len(tenants))
         self._apply_pending()
@@ -116,7 +117,8 @@ class TenantBank:
             index = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             return BankView(self._stack[rows[0] : rows[0] + 1], index, versions, rows)
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return BankView(self._stack[: self._used], index, versions, rows, self._gather(rows, index))
+        gathered = self._gather(rows, index) if gather else None
+        return BankView(self._stack[: self._used], index, versions, rows, gathered)
 
     def _gather(self, rows: list[int], index: torch.Tensor) -> torch.Tensor:
         """The batch's rows (B, L, E, D), gathered again only when the rows or the stack changed."""

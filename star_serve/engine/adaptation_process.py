@@ -183,7 +183,7 @@ class AdaptationProcess:
         self._layout = (layers, dim, top_k)
         capture = replace(config.capture, sample_rate=1.0)  # sampled forwards count whole
         trained = trained.detach().float().cpu()
-        self._args = (model, trained, replace(config, capture=capture), backends, num_experts, top_tenants)
+        self._setup = _Setup(model, trained, replace(config, capture=capture), backends, num_experts, top_tenants)
         self.observer = ProcessObserver(config.capture.sample_rate)
         self.restarts = 0
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -211,7 +211,7 @@ class AdaptationProcess:
         forwards_in, forwards_out = context.Pipe(duplex=False)
         process = context.Process(
             target=_main,
-            args=self._args,
+            args=(self._setup,),
             kwargs={"control": child_control, "forwards": forwards_in, "ring": ring},
             name=f"star-adaptation-{self.model}",
             daemon=True,
@@ -382,23 +382,24 @@ CAPTURE_BATCH_TOKENS = 1024  # tokens captured in one pass (as the in-process ob
 CAPTURE_MAX_DELAY = 0.5  # seconds the first waiting forward waits for others
 
 
-def _main(
-    model: str,
-    trained: torch.Tensor,
-    config: AdaptationConfig,
-    backends: Backends,
-    num_experts: int,
-    top_tenants: int,
-    *,
-    control: Connection,
-    forwards: Connection,
-    ring: SharedRing,
-) -> None:
+@dataclass(frozen=True)
+class _Setup:
+    """What the adaptation process is started with."""
+
+    model: str
+    trained: torch.Tensor  # (L, E, D) float32, on the host
+    config: AdaptationConfig  # its capture counts whole forwards: the serving process samples them
+    backends: Backends
+    num_experts: int
+    top_tenants: int
+
+
+def _main(setup: _Setup, *, control: Connection, forwards: Connection, ring: SharedRing) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process stops this one, after its engine
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
-    asyncio.run(_serve(model, trained, config, backends, num_experts, top_tenants, control, forwards, ring))
+    asyncio.run(_serve(setup, control, forwards, ring))
 
 
 def _die_with_parent() -> None:
@@ -408,17 +409,7 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
-async def _serve(
-    model: str,
-    trained: torch.Tensor,
-    config: AdaptationConfig,
-    backends: Backends,
-    num_experts: int,
-    top_tenants: int,
-    control: Connection,
-    forwards: Connection,
-    ring: SharedRing,
-) -> None:
+async def _serve(setup: _Setup, control: Connection, forwards: Connection, ring: SharedRing) -> None:
     loop = asyncio.get_running_loop()
     send_lock = threading.Lock()  # taken after the adapter's lock, never before it
     lags: deque[float] = deque(maxlen=4096)  # of commits not yet reported
@@ -428,7 +419,7 @@ async def _serve(
             control.send(message)
 
     def report(key: int | None) -> None:
-        current = adapter.report(top_tenants)
+        current = adapter.report(setup.top_tenants)
         stats = replace(current.stats, lags=deque())  # the lags go separately, once each
         taken = [lags.popleft() for _ in range(len(lags))]
         send(("report", key, replace(current, stats=stats), taken))
@@ -438,13 +429,14 @@ async def _serve(
             await asyncio.sleep(REPORT_INTERVAL)
             report(None)
 
-    store, bus = backends.open(model)
-    adapter = Adapter(model, trained, _Link(trained, send), store, config, bus)
+    store, bus = setup.backends.open(setup.model)
+    link = _Link(setup.trained, send)
+    adapter = Adapter(setup.model, setup.trained, link, store, setup.config, bus)
     adapter.on_commit = lags.append
     adapter.start()
     capture = threading.Thread(
         target=_capture_forwards,
-        args=(adapter, forwards, ring, num_experts, config.capture),
+        args=(adapter, forwards, ring, setup.num_experts, setup.config.capture),
         name="capture",
         daemon=True,
     )

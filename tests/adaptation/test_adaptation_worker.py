@@ -17,12 +17,14 @@ from star_serve.model import orthonormalize, projection_distances
 L, E, D = 2, 4, 16
 
 
-def _adapter(tmp_path: Path) -> tuple[Adapter, TenantBank]:
+def _adapter(
+    tmp_path: Path, config: AdaptationConfig | None = None, bus: LocalBus | None = None
+) -> tuple[Adapter, TenantBank]:
     gen = torch.Generator().manual_seed(0)
     trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
-    return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config), bank
+    config = config or AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
+    return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus), bank
 
 
 def _observe(adapter: Adapter, version: int, load: torch.Tensor | None = None) -> None:
@@ -83,13 +85,17 @@ class _TimedBus(LocalBus):
         await super().publish(batch)
 
 
-def test_a_busy_tenant_publishes_no_more_often_than_its_minimum_interval(tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(0)
-    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
-    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = AdaptationConfig(min_tokens=8, min_interval=0.5, capture=CaptureConfig(max_token_norm=1e9))
+def _timed_adapter(tmp_path: Path, min_tokens: int, min_interval: float) -> tuple[Adapter, _TimedBus]:
+    capture = CaptureConfig(max_token_norm=1e9)
     bus = _TimedBus()
-    adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus)
+    adapter, _ = _adapter(
+        tmp_path, AdaptationConfig(min_tokens=min_tokens, min_interval=min_interval, capture=capture), bus
+    )
+    return adapter, bus
+
+
+def test_a_busy_tenant_publishes_no_more_often_than_its_minimum_interval(tmp_path: Path) -> None:
+    adapter, bus = _timed_adapter(tmp_path, min_tokens=8, min_interval=0.5)
 
     async def scenario() -> None:
         adapter.start()
@@ -137,12 +143,7 @@ def test_a_tenants_drift_is_each_committed_layers_distance_from_the_trained_basi
 
 
 def test_a_first_seen_tenant_publishes_only_once_it_has_a_batch(tmp_path: Path) -> None:
-    gen = torch.Generator().manual_seed(0)
-    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
-    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = AdaptationConfig(min_tokens=32, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9))
-    bus = _TimedBus()
-    adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus)
+    adapter, bus = _timed_adapter(tmp_path, min_tokens=32, min_interval=0.0)
 
     async def until(condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + 10
