@@ -3,14 +3,15 @@
 Row 0 holds the trained bases (version 0), which every tenant without a version of its own routes with.
 Other rows are a bounded LRU of tenants' own bases. New versions are published from any thread and
 applied by the engine thread at its next lookup, between forwards, so a forward never sees a half-written
-row.
+row. Given the model's `router_gates`, the bank also keeps each row's routers folded into one gate per
+layer, folded again only when the row changes, and hands a batch the gates it routes with.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,13 +21,14 @@ import torch
 @dataclass(frozen=True)
 class BankView:
     """What one forward needs: the stacked bases (T, L, E, D), each sequence's index into them (B,) and
-    versions, and each sequence's row of the whole bank (0: the trained bases)."""
+    versions, each sequence's row of the whole bank (0: the trained bases), and the gates folded from the
+    rows: (B, L, E, D) per sequence, or (1, L, E, D) when the batch has a single row."""
 
     bank: torch.Tensor | None
     index: torch.Tensor | None
     versions: list[int]
     rows: list[int]
-    gathered: torch.Tensor | None = None  # (B, L, E, D): `bank[index]`, when the batch has several rows
+    gates: torch.Tensor | None = None
 
 
 class BasesSink(Protocol):
@@ -44,19 +46,28 @@ class BasesSink(Protocol):
 
 class TenantBank:
     def __init__(
-        self, trained: torch.Tensor | None, device: torch.device, dtype: torch.dtype, capacity: int = 256
+        self,
+        trained: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        capacity: int = 256,
+        fold: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        self.device, self.capacity = device, capacity
+        """`fold` maps bases (T, L, E, D) to gates of the same shape (the model's `router_gates`); without
+        it, views carry no gates and forwards route from the bases."""
+        self.device, self.capacity, self._fold = device, capacity, fold
         self.trained = None if trained is None else trained.to(device=device, dtype=dtype)  # (L, E, D)
         self._stack = None if self.trained is None else self.trained[None].clone()  # (T, L, E, D), grows
+        self._gates = None if self._stack is None or fold is None else fold(self._stack)  # grows with `_stack`
+        self._unfolded: set[int] = set()  # rows whose bases changed since their gates were folded
         self._used = 1  # rows of `_stack` in use; row 0 is the trained bases
         self._rows: OrderedDict[str, tuple[int, int]] = OrderedDict()  # tenant -> (row, version), LRU order
         self._free: list[int] = []
         self._pending: dict[str, tuple[torch.Tensor | None, int]] = {}
         self._relabels: dict[str, int] = {}
         self._lock = threading.Lock()
-        # The last batch's rows gathered, kept while neither its rows nor the stack change: a decode step
-        # usually routes the same sequences as the one before (rows, stack generation, gathered).
+        # The last batch's gates gathered, kept while neither its rows nor the gates change: a decode step
+        # usually routes the same sequences as the one before (rows, gates generation, gathered).
         self._generation = 0
         self._gathered: tuple[list[int], int, torch.Tensor] | None = None
 
@@ -93,10 +104,11 @@ class TenantBank:
             return None
         return self._stack[self._rows[tenant][0]]
 
-    def lookup(self, tenants: Sequence[str], own: Collection[str] = (), gather: bool = True) -> BankView:
+    def lookup(self, tenants: Sequence[str], own: Collection[str] = (), in_place: bool = False) -> BankView:
         """The bank and per-sequence rows for a batch whose sequences belong to `tenants`; those in `own`
-        get a row of their own (a copy of the trained bases) if they have none. With `gather`, a batch of
-        several rows also gets them gathered per sequence. Engine thread only."""
+        get a row of their own (a copy of the trained bases) if they have none. With `in_place`, the forward
+        may rewrite the batch's bases in place (sync mode): it gets no gates, and the rows' gates are folded
+        again at the next lookup. Engine thread only."""
         if self._stack is None:
             return BankView(None, None, [0] * len(tenants), [0] * len(tenants))
         self._apply_pending()
@@ -105,7 +117,7 @@ class TenantBank:
                 row = self._allocate()
                 self._stack[row] = self._stack[0]
                 self._rows[tenant] = (row, 0)
-                self._generation += 1
+                self._unfolded.add(row)
         rows, versions = [], []
         for tenant in tenants:
             row, version = self._rows.get(tenant, (0, 0))
@@ -115,17 +127,31 @@ class TenantBank:
             versions.append(version)
         if len(set(rows)) == 1:  # one tenant's batch: a single row lets the routers skip the per-sequence path
             index = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-            return BankView(self._stack[rows[0] : rows[0] + 1], index, versions, rows)
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        gathered = self._gather(rows, index) if gather else None
-        return BankView(self._stack[: self._used], index, versions, rows, gathered)
+            bank = self._stack[rows[0] : rows[0] + 1]
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            bank = self._stack[: self._used]
+        if in_place:
+            self._unfolded.update(rows)
+            return BankView(bank, index, versions, rows)
+        return BankView(bank, index, versions, rows, self._gates_of(rows, index))
 
-    def _gather(self, rows: list[int], index: torch.Tensor) -> torch.Tensor:
-        """The batch's rows (B, L, E, D), gathered again only when the rows or the stack changed."""
-        assert self._stack is not None
+    def _gates_of(self, rows: list[int], index: torch.Tensor) -> torch.Tensor | None:
+        """The batch's gates: a single row's (1, L, E, D), or each sequence's (B, L, E, D), gathered again
+        only when the rows or the gates changed."""
+        if self._gates is None:
+            return None
+        assert self._fold is not None and self._stack is not None
+        if self._unfolded:
+            changed = torch.tensor(sorted(self._unfolded), device=self.device)
+            self._gates[changed] = self._fold(self._stack.index_select(0, changed))
+            self._unfolded.clear()
+            self._generation += 1
+        if len(set(rows)) == 1:
+            return self._gates[rows[0] : rows[0] + 1]
         if self._gathered is not None and self._gathered[:2] == (rows, self._generation):
             return self._gathered[2]
-        gathered = self._stack.index_select(0, index)  # a third of the time of advanced indexing
+        gathered = self._gates.index_select(0, index)  # a third of the time of advanced indexing
         self._gathered = (rows, self._generation, gathered)
         return gathered
 
@@ -134,8 +160,6 @@ class TenantBank:
             pending, self._pending = self._pending, {}
             relabels, self._relabels = self._relabels, {}
         assert self._stack is not None
-        if pending:
-            self._generation += 1
         for tenant, (bases, version) in pending.items():
             if bases is None:
                 row, _ = self._rows.pop(tenant, (0, 0))
@@ -144,6 +168,7 @@ class TenantBank:
                 continue
             row = self._rows[tenant][0] if tenant in self._rows else self._allocate()
             self._stack[row] = bases.to(self._stack.device, self._stack.dtype)
+            self._unfolded.add(row)
             self._rows[tenant] = (row, version)
         for tenant, version in relabels.items():
             if tenant in self._rows and version > self._rows[tenant][1]:
@@ -158,8 +183,14 @@ class TenantBank:
             return row
         rows = self._stack.shape[0]
         if self._used == rows:  # grow by doubling, up to the trained row plus `capacity`
-            grown = self._stack.new_empty((min(2 * rows, self.capacity + 1), *self._stack.shape[1:]))
-            grown[:rows] = self._stack
-            self._stack = grown
+            self._stack = self._grown(self._stack)
+            if self._gates is not None:
+                self._gates = self._grown(self._gates)
         self._used += 1
         return self._used - 1
+
+    def _grown(self, stack: torch.Tensor) -> torch.Tensor:
+        rows = stack.shape[0]
+        grown = stack.new_empty((min(2 * rows, self.capacity + 1), *stack.shape[1:]))
+        grown[:rows] = stack
+        return grown

@@ -65,7 +65,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     model, tokenizer = load_model(directory, task, device, dtype)
     metrics.observe_alignment(name, model.router_alignment())
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
-    bank = TenantBank(trained, device, dtype)
+    bank = TenantBank(trained, device, dtype, fold=model.router_gates)
     adapter: Adapter | AdaptationProcess | None = None
     if trained is not None and settings.adaptation != "off":
         adaptation = AdaptationConfig(

@@ -281,7 +281,7 @@ async def _adapt_classifier(
 ) -> TenantBank:
     """Serves every tenant's traffic concurrently through a `ClassificationEngine` with an `Adapter`
     (product defaults); returns the bank with the versions committed by then."""
-    bank = TenantBank(start, torch.device("cpu"), torch.float32, capacity=len(traffic) + 1)
+    bank = TenantBank(start, torch.device("cpu"), torch.float32, capacity=len(traffic) + 1, fold=model.router_gates)
     adapter = Adapter(store_dir.name, start, bank, LocalDirStore(store_dir), AdaptationConfig())
     engine = ClassificationEngine(
         model, tokenizer, bank, BatcherConfig(max_batch=32, max_waiting=4096), adapter=adapter

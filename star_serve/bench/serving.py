@@ -113,7 +113,7 @@ def _run_clients(url: str, prompts: list[str], max_tokens: int, concurrency: int
 def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig) -> dict:
     """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant vs each its own bases."""
     trained = model.trained_bases()
-    bank = TenantBank(trained, model.device, model.dtype, capacity=cfg.tenants)
+    bank = TenantBank(trained, model.device, model.dtype, capacity=cfg.tenants, fold=model.router_gates)
     generator = torch.Generator().manual_seed(0)
     for t in range(cfg.tenants):
         noise = 0.05 * torch.randn(trained.shape, generator=generator)  # drawn on the CPU: same bases everywhere

@@ -150,7 +150,7 @@ class ClassificationEngine:
             attention_mask=mask.to(self.device),
             router_bank=view.bank,
             tenant_index=view.index,
-            router_rows=view.gathered,
+            router_gates=view.gates,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
             router_update=update,
         )

@@ -312,7 +312,7 @@ class GenerationEngine:
             use_cache=True,
             router_bank=view.bank,
             tenant_index=view.index,
-            router_rows=view.gathered,
+            router_gates=view.gates,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
             router_update=update,
         )

@@ -25,8 +25,8 @@ def route(
     """The bank view of a batch and, in sync mode, the update that moves its tenants' rows before routing."""
     if adapter is None or not adapter.syncing:
         return bank.lookup(tenants), None
-    # The routers' update rewrites rows in place: the forward routes from the bank, not from gathered rows.
-    view = bank.lookup(tenants, own=adapter.adapting(tenants), gather=False)
+    # The routers' update rewrites rows in place: the forward routes from the bases, not from folded gates.
+    view = bank.lookup(tenants, own=adapter.adapting(tenants), in_place=True)
     return view, adapter.sync_update(view, tenants, lengths)
 
 

@@ -4,7 +4,8 @@ feed-forward block is a sparse MoE with a STAR router, plus causal-LM and sequen
 Per-tenant routing travels as data: `router_bank` (T, L, E, D) stacks T tenants' GHA bases for all L
 layers and `tenant_index` (B,) picks each sequence's tenant, so one forward serves many tenants. A
 `router_update` callback, called with each layer's index and router inputs before that layer routes, may
-rewrite the layer's rows of the bank: that is test-time adaptation in `sync` mode (STAR.md).
+rewrite the layer's rows of the bank: that is test-time adaptation in `sync` mode (STAR.md). Serving
+passes `router_gates` instead, each row's gates folded once per version (`router_gates()`).
 """
 
 from __future__ import annotations
@@ -145,10 +146,15 @@ class StarMoeDecoderLayer(nn.Module):
         return x, self.post_attention_layernorm(x)  # the router and GHA see the normalised stream
 
     def route(
-        self, x: torch.Tensor, router_input: torch.Tensor, bases: torch.Tensor | None, token_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        router_input: torch.Tensor,
+        bases: torch.Tensor | None,
+        token_mask: torch.Tensor | None,
+        gate: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The MoE half: the new hidden states, the router's logits and the chosen experts."""
-        moe = self.mlp(router_input, bases=bases, token_mask=token_mask)
+        moe = self.mlp(router_input, bases=bases, token_mask=token_mask, gate=gate)
         return x + moe.hidden_states, moe.router_logits, moe.expert_indices
 
 
@@ -217,6 +223,15 @@ class StarMoePreTrainedModel(PreTrainedModel):
             raise ValueError(f"router_type {self.config.router_type!r} has no GHA subspace")
         return torch.stack([r.basis.detach().float() for r in routers])
 
+    @torch.no_grad()
+    def router_gates(self, bases: torch.Tensor) -> torch.Tensor:
+        """Every MoE layer's whole gate folded with `bases` (..., L, E, D), as the backbone's `router_gates`
+        takes them: (..., L, E, D) in the model's dtype."""
+        backbone = self.base_model
+        assert isinstance(backbone, StarMoeModel)
+        routers = [layer.mlp.router for layer in backbone.decoder_layers()]
+        return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(routers)], dim=-3)
+
     def router_alignment(self) -> list[float | None]:
         """Per MoE layer, the mean |cosine| between each linear-gate row and its expert's principal input
         direction (the top right-singular vector of the expert's gate and up projections): 1 when every
@@ -268,7 +283,7 @@ class StarMoeModel(StarMoePreTrainedModel):
         tenant_index: torch.Tensor | None = None,  # (B,)
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
-        router_rows: torch.Tensor | None = None,  # (B, L, E, D): router_bank[tenant_index], already gathered
+        router_gates: torch.Tensor | None = None,  # (B, L, E, D) or (1, L, E, D), from `router_gates()`
         **kwargs: object,
     ) -> StarMoeModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -296,15 +311,15 @@ class StarMoeModel(StarMoePreTrainedModel):
             x, router_input = layer.attend(x, rotary, mask, cache)
             if router_update is not None:  # test-time adaptation before routing: may rewrite router_bank[:, i]
                 router_update(i, router_input)
-            bases = None
-            if router_bank is not None and router_bank.shape[0] == 1:  # one shared bank row (E, D)
+            bases = gate = None
+            if router_gates is not None and router_update is None:  # folded: one product routes the batch
+                gate = router_gates[0, i] if router_gates.shape[0] == 1 else router_gates[:, i]
+            elif router_bank is not None and router_bank.shape[0] == 1:  # one shared bank row (E, D)
                 bases = router_bank[0, i]
-            elif router_rows is not None and router_update is None:  # one row per sequence (B, E, D)
-                bases = router_rows[:, i]
             elif router_bank is not None and tenant_index is not None:
                 # index_select: a third of the time of advanced indexing, router_bank[tenant_index, i]
                 bases = router_bank[:, i].index_select(0, tenant_index)
-            x, logits, experts = layer.route(x, router_input, bases, token_mask)
+            x, logits, experts = layer.route(x, router_input, bases, token_mask, gate)
             all_logits.append(logits)
             if output_routing:
                 all_inputs.append(router_input)
@@ -357,7 +372,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
-        router_rows: torch.Tensor | None = None,
+        router_gates: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs: object,
     ) -> StarMoeCausalLMOutput:
@@ -373,7 +388,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             tenant_index=tenant_index,
             output_routing=output_routing,
             router_update=router_update,
-            router_rows=router_rows,
+            router_gates=router_gates,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, S, V)
@@ -421,7 +436,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
         tenant_index: torch.Tensor | None = None,
         output_routing: bool = False,
         router_update: RouterUpdate | None = None,
-        router_rows: torch.Tensor | None = None,
+        router_gates: torch.Tensor | None = None,
         **kwargs: object,
     ) -> StarMoeSequenceClassifierOutput:
         out = self.model(
@@ -433,7 +448,7 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
             tenant_index=tenant_index,
             output_routing=output_routing,
             router_update=router_update,
-            router_rows=router_rows,
+            router_gates=router_gates,
         )
         hidden = out.last_hidden_state  # (B, S, D)
         b, s, _ = hidden.shape

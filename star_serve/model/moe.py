@@ -67,11 +67,12 @@ class StarMoeSparseBlock(nn.Module):
         x: torch.Tensor,  # (B, S, D)
         bases: torch.Tensor | None = None,  # (B, E, D)
         token_mask: torch.Tensor | None = None,  # (B, S)
+        gate: torch.Tensor | None = None,  # (B, E, D) or (E, D): the router's gate folded beforehand
     ) -> MoeOutput:
         b, s, d = x.shape
         if self.training and self.router.router_type == "mpi":
             self.router.power_retract(self.experts.gate_up_proj)
-        logits = self.router(x, bases=bases, token_mask=token_mask)  # (B, S, E)
+        logits = self.router(x, bases=bases, token_mask=token_mask, gate=gate)  # (B, S, E)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (B, S, k)
         flat_x = x.reshape(-1, d)

@@ -39,7 +39,7 @@ class StarMoeRouter(nn.Module):
 
     `bases` (B, E, D), when given, replaces the trained basis per sequence: this is how a batch that mixes
     tenants routes each sequence through its own tenant's subspace in one pass. A 2-D `bases` (E, D) is one
-    basis for the whole batch.
+    basis for the whole batch. At inference, `gate` (see `gate()`) is the whole gate folded beforehand.
     """
 
     def __init__(self, config: StarMoeConfig) -> None:
@@ -62,12 +62,29 @@ class StarMoeRouter(nn.Module):
         """The trained GHA basis V (E, D)."""
         return self.star_gate.gha.basis
 
+    def gate(self, bases: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole gate as one matrix G (..., E, D), logits = x G^T: s W + (1 - s) R V for `star`, R V for
+        `star_gha_only`, with V the trained basis or `bases` (..., E, D). Folded once per basis, it routes a
+        token with one product where the two gates take four operations more."""
+        if not self.uses_subspace:
+            return self.weight
+        mixing = self.star_gate.mixing_coef
+        rotated = mixing @ (self.basis if bases is None else bases).to(mixing.dtype)  # (..., E, D)
+        if self.router_type == "star_gha_only":
+            return rotated
+        s = torch.sigmoid(self.star_gate.alpha)[:, None]
+        return s * self.weight + (1 - s) * rotated
+
     def forward(
         self,
         x: torch.Tensor,  # (B, S, D)
         bases: torch.Tensor | None = None,  # (B, E, D) or (E, D)
         token_mask: torch.Tensor | None = None,  # (B, S) bool, True for real tokens
+        gate: torch.Tensor | None = None,  # (B, E, D) or (E, D), from `gate()`: replaces `bases` at inference
     ) -> torch.Tensor:
+        if gate is not None:
+            gate = gate.to(x.dtype)
+            return F.linear(x, gate) if gate.dim() == 2 else torch.bmm(x, gate.transpose(1, 2))
         if not self.uses_subspace:
             return F.linear(x, self.weight)
 

@@ -61,23 +61,58 @@ def test_published_bases_appear_at_the_next_lookup_with_their_version() -> None:
     assert bank.resident() == 1  # a new version reuses the tenant's row
 
 
-def test_a_batchs_gathered_rows_are_reused_until_its_rows_or_the_bank_change() -> None:
-    bank, trained = _bank()
+def _folding_bank() -> tuple[TenantBank, torch.Tensor, list[int]]:
+    """A bank whose fold doubles the bases and records how many rows each call folded."""
+    folded: list[int] = []
+
+    def fold(bases: torch.Tensor) -> torch.Tensor:
+        folded.append(bases.shape[0])
+        return 2 * bases
+
+    trained = _bases(0)
+    return TenantBank(trained, CPU, torch.float32, fold=fold), trained, folded
+
+
+def test_gates_are_folded_once_per_new_row_and_a_batchs_gates_reused_until_its_rows_change() -> None:
+    bank, trained, folded = _folding_bank()
+    assert folded == [1]  # the trained row, at construction
     bank.publish("a", _bases(1), version=1)
     bank.publish("b", _bases(2), version=1)
     first = bank.lookup(["a", "b", "x"])
-    assert first.gathered is not None and first.bank is not None and first.index is not None
-    assert torch.equal(first.gathered, first.bank[first.index])  # (B, L, E, D), each sequence's rows
-    assert torch.equal(first.gathered[2], trained)
+    assert folded == [1, 2]  # both new rows in one fold
+    assert first.gates is not None and first.bank is not None and first.index is not None
+    assert torch.equal(first.gates, 2 * first.bank[first.index])  # (B, L, E, D), each sequence's gates
+    assert torch.equal(first.gates[2], 2 * trained)
     again = bank.lookup(["a", "b", "x"])
-    assert again.gathered is first.gathered  # the next decode step of the same batch: no new gather
+    assert again.gates is first.gates and folded == [1, 2]  # the next decode step: nothing folded or gathered
 
-    bank.publish("b", _bases(3), version=2)  # a new version: gathered anew
+    bank.publish("b", _bases(3), version=2)  # a new version: its row alone folded, the batch gathered anew
     moved = bank.lookup(["a", "b", "x"])
-    assert moved.gathered is not first.gathered and torch.equal(moved.gathered[1], _bases(3))
+    assert folded == [1, 2, 1]
+    assert moved.gates is not None and moved.gates is not first.gates
+    assert torch.equal(moved.gates[1], 2 * _bases(3)) and torch.equal(moved.gates[0], 2 * _bases(1))
     other = bank.lookup(["b", "a"])  # other rows: gathered anew
-    assert other.gathered is not None and torch.equal(other.gathered[0], _bases(3))
-    assert bank.lookup(["x", "y"]).gathered is None  # one row for the whole batch: nothing to gather
+    assert other.gates is not None and torch.equal(other.gates[0], 2 * _bases(3))
+    single = bank.lookup(["x", "y"]).gates  # one row for the whole batch: its gates alone
+    assert single is not None and single.shape == (1, *SHAPE) and torch.equal(single[0], 2 * trained)
+    assert folded == [1, 2, 1]
+
+
+def test_rows_rewritten_in_place_get_no_gates_and_are_folded_again_at_the_next_lookup() -> None:
+    bank, trained, folded = _folding_bank()
+    view = bank.lookup(["a", "b"], own=["a"], in_place=True)
+    assert view.gates is None and view.bank is not None and view.index is not None
+    view.bank[view.index[0]] += 1  # as a sync-mode update moves the tenant's row before routing
+    after = bank.lookup(["a", "b"])
+    assert after.gates is not None
+    assert torch.equal(after.gates[0], 2 * (trained + 1)) and torch.equal(after.gates[1], 2 * trained)
+    assert folded == [1, 2]  # both rows of the in-place batch, once
+
+
+def test_a_bank_without_fold_hands_out_no_gates() -> None:
+    bank, _ = _bank()
+    bank.publish("a", _bases(1), version=1)
+    assert bank.lookup(["a", "b"]).gates is None and bank.lookup(["a"]).gates is None
 
 
 def test_publish_copies_the_bases() -> None:

@@ -56,7 +56,7 @@ def engines() -> Iterator[Callable[..., GenerationEngine]]:
         **config: Any,
     ) -> GenerationEngine:
         if bank is None:
-            bank = TenantBank(model.trained_bases(), torch.device("cpu"), torch.float32)
+            bank = TenantBank(model.trained_bases(), torch.device("cpu"), torch.float32, fold=model.router_gates)
         engine = GenerationEngine(model, tokenizer, bank, EngineConfig(**config), on_step=gate)
         built.append((engine, gate))
         if start:

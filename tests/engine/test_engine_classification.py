@@ -67,7 +67,7 @@ def classifiers(tokenizer: Any) -> Iterator[Callable[..., ClassificationEngine]]
         model: Any, bank: TenantBank | None = None, start: bool = True, on_step: Any = None, **config: Any
     ) -> ClassificationEngine:
         if bank is None:
-            bank = TenantBank(model.trained_bases(), CPU, torch.float32)
+            bank = TenantBank(model.trained_bases(), CPU, torch.float32, fold=model.router_gates)
         engine = ClassificationEngine(model, tokenizer, bank, BatcherConfig(**config), on_step=on_step)
         built.append(engine)
         if start:
@@ -123,7 +123,7 @@ def test_tenants_classify_with_their_own_bases(
     make_classifier: Callable[..., Any], tokenizer: Any, classifiers: Callable[..., Any]
 ) -> None:
     model = make_classifier()
-    bank = TenantBank(model.trained_bases(), CPU, torch.float32)
+    bank = TenantBank(model.trained_bases(), CPU, torch.float32, fold=model.router_gates)
     bases = perturbed_bases(model, 2.0, seed=3)
     bank.publish("own", bases, version=9)
     engine = classifiers(model, bank=bank, max_batch=8, max_wait=0.01)

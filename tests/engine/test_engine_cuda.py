@@ -20,7 +20,7 @@ def test_bf16_engine_on_cuda_matches_generate_and_routes_per_tenant(make_lm: Any
     model = make_lm(initializer_range=0.1)
     other_bases = perturbed_bases(model, scale=0.5, seed=1)
     model = model.to(device=device, dtype=torch.bfloat16)
-    bank = TenantBank(model.trained_bases(), device, torch.bfloat16)
+    bank = TenantBank(model.trained_bases(), device, torch.bfloat16, fold=model.router_gates)
     bank.publish("other", other_bases, version=1)
     engine = GenerationEngine(model, tokenizer, bank, EngineConfig(max_running=8))
     engine.start()

@@ -126,7 +126,7 @@ def test_staggered_submissions_join_the_running_batch(
 def test_mixed_tenants_each_route_with_their_own_bases(
     lm: Any, tokenizer: Any, engines: Callable[..., GenerationEngine]
 ) -> None:
-    bank = TenantBank(lm.trained_bases(), CPU, torch.float32)
+    bank = TenantBank(lm.trained_bases(), CPU, torch.float32, fold=lm.router_gates)
     bases = {"a": perturbed_bases(lm, 2.0, seed=1), "b": perturbed_bases(lm, 2.0, seed=2)}
     bank.publish("a", bases["a"], version=3)
     bank.publish("b", bases["b"], version=5)
@@ -447,7 +447,7 @@ def test_routing_counts_every_token_that_went_through_the_model(
     top_k: int, make_lm: Callable[..., Any], tokenizer: Any, engines: Callable[..., GenerationEngine]
 ) -> None:
     model = make_lm(num_experts_per_tok=top_k)
-    bank = TenantBank(model.trained_bases(), CPU, torch.float32)
+    bank = TenantBank(model.trained_bases(), CPU, torch.float32, fold=model.router_gates)
     bases = perturbed_bases(model, 2.0, seed=4)
     bank.publish("own", bases, version=1)
     engine = engines(model, tokenizer, bank=bank)

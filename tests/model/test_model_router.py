@@ -27,6 +27,14 @@ def randomise_router(router: StarMoeRouter, gen: torch.Generator) -> None:
             router.star_gate.gha.basis.copy_(v / v.norm(dim=1, keepdim=True))
 
 
+def eval_router(config: StarMoeConfig, seed: int) -> tuple[StarMoeRouter, torch.Tensor, torch.Generator]:
+    """A randomised router in eval mode, inputs (B, S, D) for it, and the generator for more."""
+    gen = torch.Generator().manual_seed(seed)
+    router = StarMoeRouter(config)
+    randomise_router(router, gen)
+    return router.eval(), torch.randn(B, S, D, generator=gen), gen
+
+
 def expected_logits(router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
     """STAR.md's gate in float64, token by token; `bases` (B, E, D) replaces V per sequence."""
     x = x.double()
@@ -51,11 +59,7 @@ def expected_logits(router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor 
 
 @pytest.mark.parametrize("router_type", ["star", "star_gha_only", "linear", "mpi"])
 def test_gate_matches_formula_in_eval_mode(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
-    gen = torch.Generator().manual_seed(10)
-    router = StarMoeRouter(make_config(router_type=router_type))
-    randomise_router(router, gen)
-    router.eval()
-    x = torch.randn(B, S, D, generator=gen)
+    router, x, _ = eval_router(make_config(router_type=router_type), seed=10)
     state = {k: v.clone() for k, v in router.state_dict().items()}
     got = router(x)
     assert got.shape == (B, S, E)
@@ -70,11 +74,7 @@ def test_gate_matches_formula_in_eval_mode(router_type: str, make_config: Callab
 
 @pytest.mark.parametrize("router_type", ["star", "star_gha_only"])
 def test_gate_with_per_sequence_bases(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
-    gen = torch.Generator().manual_seed(11)
-    router = StarMoeRouter(make_config(router_type=router_type))
-    randomise_router(router, gen)
-    router.eval()
-    x = torch.randn(B, S, D, generator=gen)
+    router, x, gen = eval_router(make_config(router_type=router_type), seed=11)
     bases = torch.randn(B, E, D, generator=gen)
     bases = bases / bases.norm(dim=-1, keepdim=True)
     got = router(x, bases=bases)
@@ -84,6 +84,23 @@ def test_gate_with_per_sequence_bases(router_type: str, make_config: Callable[..
     # Each sequence depends only on its own basis.
     alone = router(x[1:], bases=bases[1:])
     torch.testing.assert_close(got[1:], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("router_type", ["star", "star_gha_only", "linear", "mpi"])
+def test_the_folded_gate_routes_as_the_formula(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
+    router, x, gen = eval_router(make_config(router_type=router_type), seed=12)
+    with torch.no_grad():
+        shared = router(x, gate=router.gate())  # (E, D): one gate for the batch
+    torch.testing.assert_close(shared.double(), expected_logits(router, x), rtol=0, atol=1e-5)
+    if not router.uses_subspace:
+        return
+    bases = torch.randn(B, E, D, generator=gen)
+    bases = bases / bases.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        gates = router.gate(bases)
+        assert gates.shape == (B, E, D)
+        per_sequence = router(x, gate=gates)
+    torch.testing.assert_close(per_sequence.double(), expected_logits(router, x, bases), rtol=0, atol=1e-5)
 
 
 def swiglu_expert(block: StarMoeSparseBlock, e: int, x: torch.Tensor) -> torch.Tensor:

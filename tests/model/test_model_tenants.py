@@ -31,8 +31,10 @@ def test_mixed_tenant_batch_equals_each_sequence_alone(
     tenants = torch.tensor([0, 1, 2, 2, 1, 0])
     with torch.no_grad():
         mixed = model(ids, router_bank=bank, tenant_index=tenants, output_routing=True)
-        gathered = model(ids, router_rows=bank[tenants], output_routing=True)  # the rows gathered beforehand
-        assert torch.equal(gathered.logits, mixed.logits)
+        folded = model(ids, router_gates=model.router_gates(bank[tenants]), output_routing=True)
+        torch.testing.assert_close(folded.logits, mixed.logits, rtol=0, atol=1e-5)
+        for layer in range(2):
+            assert torch.equal(folded.expert_indices[layer], mixed.expert_indices[layer])
         for i, t in enumerate(tenants.tolist()):
             alone = model(
                 ids[i : i + 1],
@@ -67,9 +69,11 @@ def test_omitting_the_bank_equals_the_trained_bases(make_model: Callable[..., An
         plain = model(ids, output_routing=True)
         banked = model(ids, router_bank=own[None], tenant_index=torch.zeros(3, dtype=torch.long), output_routing=True)
         defaulted = model(ids, router_bank=own[None])  # tenant_index defaults to tenant 0
+        folded = model(ids, router_gates=model.router_gates(own[None]))  # (1, L, E, D): one gate per layer
         other = model(ids, router_bank=tenant_bank(model, (2.0,)))
     torch.testing.assert_close(banked.logits, plain.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(defaulted.logits, plain.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(folded.logits, plain.logits, rtol=0, atol=1e-5)
     for layer in range(2):
         assert torch.equal(banked.expert_indices[layer], plain.expert_indices[layer])
     assert (other.logits - plain.logits).abs().max() > 1e-3
