@@ -83,10 +83,12 @@ def turning_angle(x: torch.Tensor, q: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def route(router: StarMoeRouter, x: torch.Tensor, basis: torch.Tensor, k: int) -> torch.Tensor:
+def route(router: StarMoeRouter, x: torch.Tensor, basis: torch.Tensor, k: int, subspace: bool = False) -> torch.Tensor:
     """Top-k expert choices (N, k) of tokens `x` (N, D) through one layer's router with `basis` (E, D),
-    as the MoE block chooses them (softmax over all experts, then top-k)."""
-    logits = router(x[None], bases=basis)[0]  # (N, E)
+    as the MoE block chooses them (softmax over all experts, then top-k). With `subspace`, through the
+    gate's subspace half alone, x (R V)^T: what a `star_gha_only` router with this R routes by."""
+    half = router.star_gate.mixing_coef @ basis if subspace else None  # R V (E, D)
+    logits = x @ half.T if half is not None else router(x[None], bases=basis)[0]  # (N, E)
     return torch.topk(torch.softmax(logits.float(), dim=-1), k, dim=-1).indices
 
 
@@ -162,11 +164,16 @@ def _tenant_bases(bank: TenantBank, tenant: str) -> tuple[torch.Tensor, int]:
 
 
 def _consistency(
-    routers: list[StarMoeRouter], inputs: list[torch.Tensor], reference: list[torch.Tensor], bases: torch.Tensor, k: int
+    routers: list[StarMoeRouter],
+    inputs: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    bases: torch.Tensor,
+    k: int,
+    subspace: bool = False,
 ) -> list[float]:
     """Per layer: routing consistency of `inputs` (L x (N, D)) routed with `bases` (L, E, D) vs `reference`."""
     return [
-        routing_consistency(ref, route(r, x, b, k))
+        routing_consistency(ref, route(r, x, b, k, subspace))
         for r, x, ref, b in zip(routers, inputs, reference, bases, strict=True)
     ]
 
@@ -218,6 +225,8 @@ async def rotation_shift(
 
     reference = [route(r, x, b, k) for r, x, b in zip(routers, evaluation, trained, strict=True)]
     warm_reference = [route(r, x, b, k) for r, x, b in zip(routers, evaluation, warm_start, strict=True)]
+    # The subspace half alone, whose whole input is V x: there the ceiling V Qᵀ restores every choice.
+    half_reference = [route(r, x, b, k, True) for r, x, b in zip(routers, evaluation, warm_start, strict=True)]
     angles: dict[str, Any] = {}
     for angle, q in turns.items():
         rotated = [x @ q.T for x in evaluation]
@@ -228,6 +237,8 @@ async def rotation_shift(
             "warm_frozen": _consistency(routers, rotated, warm_reference, warm_start, k),
             "warm_adapted": _consistency(routers, rotated, warm_reference, warm[angle], k),
             "warm_ceiling": _consistency(routers, rotated, warm_reference, warm_start @ q.T, k),
+            "warm_half_frozen": _consistency(routers, rotated, half_reference, warm_start, k, subspace=True),
+            "warm_half_adapted": _consistency(routers, rotated, half_reference, warm[angle], k, subspace=True),
         }
         row: dict[str, Any] = {name: statistics.fmean(values) for name, values in per_layer.items()}
         row["per_layer"] = per_layer
@@ -245,7 +256,8 @@ async def rotation_shift(
         log(
             f"  {angle:g}°: frozen {row['frozen']:.3f}, adapted {row['adapted']:.3f}, ceiling {row['ceiling']:.3f}"
             f" | warm: frozen {row['warm_frozen']:.3f}, adapted {row['warm_adapted']:.3f},"
-            f" ceiling {row['warm_ceiling']:.3f}"
+            f" ceiling {row['warm_ceiling']:.3f} | subspace half: frozen {row['warm_half_frozen']:.3f},"
+            f" adapted {row['warm_half_adapted']:.3f}"
         )
     return {
         "eval_tokens": evaluation[0].shape[0],
@@ -597,13 +609,12 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         "### (a) Rotation shift: routing consistency (demo LM, mean over its 4 MoE layers)",
         "",
         "| largest angle θ | mean token turn | frozen | adapted | ceiling V·Qᵀ | warm: frozen | warm: adapted "
-        "| warm: ceiling |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| warm: ceiling | warm, subspace half: frozen | warm, subspace half: adapted |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    columns = ("frozen", "adapted", "ceiling", "warm_frozen", "warm_adapted", "warm_ceiling")
     for angle, r in rot["angles"].items():
-        values = " | ".join(
-            f"{r[k]:.3f}" for k in ("frozen", "adapted", "ceiling", "warm_frozen", "warm_adapted", "warm_ceiling")
-        )
+        values = " | ".join(f"{r[k]:.3f}" for k in (*columns, "warm_half_frozen", "warm_half_adapted"))
         lines.append(f"| {angle}° | {r['mean_token_turn_degrees']:.1f}° | {values} |")
     lines += [
         "",
@@ -611,7 +622,8 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         f"{cfg.rounds} rounds of one GHA step (learning rate {cfg.rotation_learning_rate}, step cap "
         f"{cfg.rotation_guard.max_step}, distance cap {cfg.rotation_guard.max_distance}). Warm: a deployment "
         f"whose bases are those of a tenant adapted {cfg.warmup_rounds} rounds on unrotated traffic, compared "
-        "with its own unrotated routing.",
+        "with its own unrotated routing. Subspace half: the same bases routing through x (R V)ᵀ alone, the "
+        "gate of a `star_gha_only` router, whose ceiling is 1 at every angle.",
         "",
         "### (b) Corruption shift: classifier accuracy, frozen → adapted (demo classifier)",
         "",
@@ -708,6 +720,8 @@ def _draw_rotation(ax: Any, rot: dict[str, Any]) -> None:
         ("warm_frozen", "C1--", "warm start, frozen"),
         ("warm_adapted", "C1o-", "warm start, adapted"),
         ("warm_ceiling", "C1:", "warm start, ceiling"),
+        ("warm_half_frozen", "C2--", "warm start, subspace half, frozen"),
+        ("warm_half_adapted", "C2o-", "warm start, subspace half, adapted"),
     ):
         ax.plot(angles, [r[kind] for r in rot["angles"].values()], style, label=label)
     ax.set_xticks(angles)

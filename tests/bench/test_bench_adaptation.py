@@ -134,6 +134,8 @@ def test_route_matches_the_models_own_choices_and_the_ceiling_undoes_a_rotation(
         # A GHA-only gate sees x only through V x, and (V Qᵀ)(Q x) = V x: the ceiling restores every choice.
         assert routing_consistency(reference, route(r, x @ q.T, v @ q.T, 2)) > 0.99
         assert routing_consistency(reference, route(r, x @ q.T, v, 2)) < 0.9
+        # For this router the whole gate is its subspace half.
+        assert torch.equal(route(r, x, v, 2, subspace=True), reference)
 
 
 def test_each_round_commits_one_version_through_the_adapter(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
@@ -182,10 +184,10 @@ def test_parts_a_and_b_end_to_end_on_tiny_models(tokenizer: PreTrainedTokenizerF
     assert rotation_results["eval_tokens"] == 128 and rotation_results["adapt_tokens"] == 256
     assert set(rotation_results["angles"]) == {"0", "90"}
     at0, at90 = rotation_results["angles"]["0"], rotation_results["angles"]["90"]
-    for kind in ("frozen", "ceiling", "warm_frozen", "warm_ceiling"):
+    for kind in ("frozen", "ceiling", "warm_frozen", "warm_ceiling", "warm_half_frozen"):
         assert at0[kind] == 1.0 and at0["per_layer"][kind] == [1.0, 1.0]
-    assert at90["frozen"] < 1.0 and at90["mean_token_turn_degrees"] > 0
-    assert all(0.0 <= at90[kind] <= 1.0 for kind in ("adapted", "warm_adapted"))
+    assert at90["frozen"] < 1.0 and at90["warm_half_frozen"] < 1.0 and at90["mean_token_turn_degrees"] > 0
+    assert all(0.0 <= at90[kind] <= 1.0 for kind in ("adapted", "warm_adapted", "warm_half_adapted"))
 
     labels = list(FAMILIES)
     torch.manual_seed(0)
