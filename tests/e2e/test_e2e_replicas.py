@@ -61,12 +61,12 @@ def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str)
     # every batch published by either replica was handled once, by one owner, and each applied id recorded once.
     # A batch held back by the minimum interval may still go out, so the counters are read on both sides of the
     # store's record and taken only when nothing moved in between.
-    applied_key = f"star:{{{LM_NAME}:shared}}:applied"
+    applied_key, store = f"star:{{{LM_NAME}:shared}}:applied", redis.Redis.from_url(redis_url)
     seen_settled: list[tuple[list[dict[str, float]], int]] = []
 
     def settled() -> bool:
         before = [_batches(s) for s in replicas]
-        recorded = int(redis.Redis.from_url(redis_url).zcard(applied_key))
+        recorded = int(store.zcard(applied_key))
         after = [_batches(s) for s in replicas]
         handled = sum(c["applied"] + c["stale"] + c["refused"] + c["frozen"] for c in after)
         seen_settled[:] = [(after, recorded)]
