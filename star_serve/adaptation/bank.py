@@ -125,7 +125,8 @@ class TenantBank:
                 self._rows.move_to_end(tenant)
             rows.append(row)
             versions.append(version)
-        if len(set(rows)) == 1:  # one tenant's batch: a single row lets the routers skip the per-sequence path
+        single = len(set(rows)) == 1  # one tenant's batch: a single row lets the routers skip the per-sequence path
+        if single:
             index = torch.zeros(len(rows), dtype=torch.long, device=self.device)
             bank = self._stack[rows[0] : rows[0] + 1]
         else:
@@ -134,9 +135,9 @@ class TenantBank:
         if in_place:
             self._unfolded.update(rows)
             return BankView(bank, index, versions, rows)
-        return BankView(bank, index, versions, rows, self._gates_of(rows, index))
+        return BankView(bank, index, versions, rows, self._gates_of(rows, index, single))
 
-    def _gates_of(self, rows: list[int], index: torch.Tensor) -> torch.Tensor | None:
+    def _gates_of(self, rows: list[int], index: torch.Tensor, single: bool) -> torch.Tensor | None:
         """The batch's gates: a single row's (1, L, E, D), or each sequence's (B, L, E, D), gathered again
         only when the rows or the gates changed."""
         if self._gates is None:
@@ -147,7 +148,7 @@ class TenantBank:
             self._gates[changed] = self._fold(self._stack.index_select(0, changed))
             self._unfolded.clear()
             self._generation += 1
-        if len(set(rows)) == 1:
+        if single:
             return self._gates[rows[0] : rows[0] + 1]
         if self._gathered is not None and self._gathered[:2] == (rows, self._generation):
             return self._gathered[2]

@@ -25,7 +25,6 @@ import itertools
 import logging
 import multiprocessing
 import pickle
-import random
 import signal
 import sys
 import threading
@@ -43,7 +42,7 @@ from ..adaptation.backends import Backends
 from ..adaptation.capture import CaptureConfig
 from ..adaptation.sync import SyncUpdate
 from ..adaptation.worker import AdaptationReport, AdaptationStats
-from .observe import Forward, capture_forward, merge_forwards
+from .observe import CAPTURE_BATCH_TOKENS, CAPTURE_MAX_DELAY, Forward, ForwardSampler, capture_batch, per_token
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,7 @@ class ProcessObserver:
     counted."""
 
     def __init__(self, sample_rate: float, seed: int | None = None) -> None:
-        self.sample_rate = sample_rate
-        self._sampler = random.Random(seed)
+        self._sampler = ForwardSampler(sample_rate, seed)
         self._lock = threading.Lock()  # an attach (a restarted process) against the engine's submits
         self._ring: SharedRing | None = None
         self._pipe: Connection | None = None
@@ -98,12 +96,13 @@ class ProcessObserver:
     def submit(
         self, tenants: list[str], lengths: list[int], view: BankView, out: Any, update: SyncUpdate | None = None
     ) -> None:
-        if view.bank is None or (self.sample_rate < 1.0 and self._sampler.random() >= self.sample_rate):
+        if view.bank is None or not self._sampler.keep():
             return
         with self._lock:
-            self._send(tenants, lengths, view.versions, out)
+            self._send(Forward(tenants, lengths, view.versions, out.router_inputs, out.expert_indices))
 
-    def _send(self, tenants: list[str], lengths: list[int], versions: list[int], out: Any) -> None:
+    def _send(self, forward: Forward) -> None:
+        tenants, lengths, versions = forward.tenants, forward.lengths, forward.versions
         n = sum(lengths)
         if self._ring is None or self._pipe is None or self._pipe.closed:
             self.dropped_tokens += n
@@ -117,11 +116,11 @@ class ProcessObserver:
         if end - read_tokens > capacity or self._sent + len(message) - read_bytes > PIPE_BYTES:
             self.dropped_tokens += n
             return
-        inputs, experts = torch.stack(out.router_inputs), torch.stack(out.expert_indices)  # (L, B, S, ...)
+        inputs, experts = torch.stack(forward.router_inputs), torch.stack(forward.expert_indices)  # (L, B, S, ...)
         if inputs.shape[2] == 1:
             real_inputs, real_experts = inputs[:, :, 0], experts[:, :, 0]
         else:
-            real = torch.arange(inputs.shape[2])[None, :] < torch.tensor(lengths)[:, None]  # (B, S)
+            real = forward.real()  # (B, S)
             real_inputs, real_experts = inputs[:, real.to(inputs.device)], experts[:, real.to(experts.device)]
         self._ring.inputs[:, start : start + n] = real_inputs
         self._ring.experts[:, start : start + n] = real_experts
@@ -181,7 +180,7 @@ class AdaptationProcess:
         self.on_commit: Callable[[float], None] | None = None
         layers, _, dim = trained.shape
         self._layout = (layers, dim, top_k)
-        capture = replace(config.capture, sample_rate=1.0)  # sampled forwards count whole
+        capture = ForwardSampler.whole(config.capture)  # the serving process samples forwards
         trained = trained.detach().float().cpu()
         self._setup = _Setup(model, trained, replace(config, capture=capture), backends, num_experts, top_tenants)
         self.observer = ProcessObserver(config.capture.sample_rate)
@@ -378,9 +377,6 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 # -- the adaptation process -------------------------------------------------------------------------
 
-CAPTURE_BATCH_TOKENS = 1024  # tokens captured in one pass (as the in-process observer does)
-CAPTURE_MAX_DELAY = 0.5  # seconds the first waiting forward waits for others
-
 
 @dataclass(frozen=True)
 class _Setup:
@@ -509,14 +505,10 @@ def _capture_forwards(
             waiting.append(forward)
             tokens += len(forward.tenants)
         if waiting and (ended or tokens >= CAPTURE_BATCH_TOKENS or time.monotonic() - first >= CAPTURE_MAX_DELAY):
-            merged, waiting, tokens = merge_forwards(waiting), [], 0
-            keys = set(zip(merged.tenants, merged.versions, strict=True))
+            keys = {key for f in waiting for key in zip(f.tenants, f.versions, strict=True)}
             served = {key: adapter.served_bases(*key) for key in keys}
-            try:
-                with torch.inference_mode():
-                    capture_forward(adapter, merged, served, num_experts, config)
-            except Exception:
-                log.exception("capturing a forward's statistics failed; its tokens do not count")
+            capture_batch(adapter, waiting, served, num_experts, config)
+            waiting, tokens = [], 0
 
 
 def _forward_of(
@@ -527,10 +519,4 @@ def _forward_of(
     inputs = ring.inputs[:, start : start + n].clone()  # (L, n, D)
     experts = ring.experts[:, start : start + n].clone()  # (L, n, k)
     ring.read[0] = written
-    return Forward(
-        [t for t, k in zip(tenants, lengths, strict=True) for _ in range(k)],
-        [1] * n,
-        [v for v, k in zip(versions, lengths, strict=True) for _ in range(k)],
-        list(inputs[:, :, None]),
-        list(experts[:, :, None]),
-    )
+    return per_token(tenants, lengths, versions, list(inputs), list(experts))

@@ -17,7 +17,7 @@ from ..adaptation import Adapter, TenantBank
 from ..model import StarMoeForSequenceClassification
 from ..model.inputs import pad_right
 from .load import ExpertLoad
-from .observe import ForwardSink, Observer, route
+from .observe import ForwardSink, observer_of, route
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,7 @@ class ClassificationEngine:
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step, self.adapter = on_step, adapter
-        self._observer: ForwardSink | None = observer
-        if observer is None and adapter is not None:
-            self._observer = Observer(adapter, model.config.num_local_experts)
+        self._observer = observer_of(adapter, observer, model.config.num_local_experts)
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.max_context = min(model.config.max_position_embeddings, config.max_input_tokens)

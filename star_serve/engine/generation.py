@@ -24,7 +24,7 @@ from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .load import ExpertLoad
-from .observe import ForwardSink, Observer, route
+from .observe import ForwardSink, observer_of, route
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -128,9 +128,7 @@ class GenerationEngine:
     ) -> None:
         self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
         self.on_step, self.adapter = on_step, adapter
-        self._observer: ForwardSink | None = observer
-        if observer is None and adapter is not None:
-            self._observer = Observer(adapter, model.config.num_local_experts)
+        self._observer = observer_of(adapter, observer, model.config.num_local_experts)
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()

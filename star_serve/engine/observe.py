@@ -18,6 +18,9 @@ from ..adaptation.sync import SyncUpdate
 
 log = logging.getLogger(__name__)
 
+CAPTURE_BATCH_TOKENS = 1024  # tokens of waiting forwards captured in one pass
+CAPTURE_MAX_DELAY = 0.5  # seconds the first waiting forward waits for others
+
 
 def route(
     bank: TenantBank, adapter: Adapter | None, tenants: list[str], lengths: list[int]
@@ -41,13 +44,36 @@ class ForwardSink(Protocol):
     def close(self) -> None: ...
 
 
+def observer_of(adapter: Adapter | None, observer: ForwardSink | None, num_experts: int) -> ForwardSink | None:
+    """An engine's sink for its forwards: the one given, else an `Observer` of its adapter, if any."""
+    if observer is None and adapter is not None:
+        return Observer(adapter, num_experts)
+    return observer
+
+
+class ForwardSampler:
+    """The capture's `sample_rate`, applied to whole forwards: a forward left out costs the engine nothing
+    more, and a decode step (one token of each running sequence) is as fair a sample as any."""
+
+    def __init__(self, rate: float, seed: int | None = None) -> None:
+        self.rate = rate
+        self._random = random.Random(seed)
+
+    def keep(self) -> bool:
+        return self.rate >= 1.0 or self._random.random() < self.rate
+
+    @staticmethod
+    def whole(config: CaptureConfig) -> CaptureConfig:
+        """`config` for the capture of the forwards kept: they count whole."""
+        return replace(config, sample_rate=1.0)
+
+
 class Observer:
     """Hands forwards' tokens to the adapter from a thread of its own, so that the engine's next forward
     runs while earlier ones are captured.
 
-    The capture's `sample_rate` is applied here, to whole forwards: a forward left out costs the engine
-    nothing more, and a decode step (one token of each running sequence) is as fair a sample of the
-    traffic as any. Forwards are captured in batches: the thread waits until `batch_tokens` tokens are
+    The capture's `sample_rate` is applied here, to whole forwards (`ForwardSampler`). Forwards are
+    captured in batches: the thread waits until `batch_tokens` tokens are
     waiting, or the first of them has waited `max_delay` seconds, then captures them all, every tenant and
     sequence length in one pass. A pass costs a few dozen small operations whatever its size, so
     batching forwards divides that cost by the number of forwards batched. At most `max_waiting` tokens
@@ -58,16 +84,15 @@ class Observer:
         self,
         adapter: Adapter,
         num_experts: int,
-        batch_tokens: int = 1024,
-        max_delay: float = 0.5,
+        batch_tokens: int = CAPTURE_BATCH_TOKENS,
+        max_delay: float = CAPTURE_MAX_DELAY,
         max_waiting: int = 4096,
         seed: int | None = None,
     ) -> None:
         self.adapter, self.num_experts = adapter, num_experts
         self.batch_tokens, self.max_delay, self.max_waiting = batch_tokens, max_delay, max_waiting
-        self.sample_rate = adapter.config.capture.sample_rate
-        self._capture_config = replace(adapter.config.capture, sample_rate=1.0)  # sampled forwards count whole
-        self._sampler = random.Random(seed)
+        self._sampler = ForwardSampler(adapter.config.capture.sample_rate, seed)
+        self._capture_config = ForwardSampler.whole(adapter.config.capture)
         self._waiting: list[Forward] = []
         self._bases: dict[tuple[str, int], torch.Tensor] = {}  # (tenant, version) -> bases of the waiting
         self._tokens = 0  # real tokens of the forwards waiting
@@ -90,7 +115,7 @@ class Observer:
         if self.adapter.syncing:
             _synced(self.adapter, forward, self.num_experts, update)
             return
-        if self.sample_rate < 1.0 and self._sampler.random() >= self.sample_rate:
+        if not self._sampler.keep():
             return
         tokens = sum(lengths)
         with self._changed:
@@ -130,13 +155,7 @@ class Observer:
                 forwards, bases = self._waiting, self._bases
                 self._waiting, self._bases, self._tokens = [], {}, 0
                 self._changed.notify_all()
-            try:
-                with torch.inference_mode():
-                    capture_forward(
-                        self.adapter, merge_forwards(forwards), bases, self.num_experts, self._capture_config
-                    )
-            except Exception:
-                log.exception("capturing a forward's statistics failed; its tokens do not count")
+            capture_batch(self.adapter, forwards, bases, self.num_experts, self._capture_config)
 
 
 @dataclass
@@ -194,14 +213,41 @@ def _token_by_token(forward: Forward) -> Forward:
     """The forward's real tokens, in order, each as a one-token sequence of its sequence's tenant."""
     if forward.router_inputs[0].shape[1] == 1:
         return forward
-    real, repeat = forward.real(), forward.lengths
+    real = forward.real()
+    inputs, experts = [x[real] for x in forward.router_inputs], [e[real] for e in forward.expert_indices]
+    return per_token(forward.tenants, forward.lengths, forward.versions, inputs, experts)
+
+
+def per_token(
+    tenants: list[str],
+    lengths: list[int],
+    versions: list[int],
+    inputs: list[torch.Tensor],  # L x (n, D): the real tokens of the sequences, in order
+    experts: list[torch.Tensor],  # L x (n, k)
+) -> Forward:
+    """A forward of one-token sequences, each of its sequence's tenant and version."""
     return Forward(
-        [t for t, n in zip(forward.tenants, repeat, strict=True) for _ in range(n)],
-        [1] * sum(repeat),
-        [v for v, n in zip(forward.versions, repeat, strict=True) for _ in range(n)],
-        [x[real][:, None] for x in forward.router_inputs],
-        [e[real][:, None] for e in forward.expert_indices],
+        [t for t, n in zip(tenants, lengths, strict=True) for _ in range(n)],
+        [1] * sum(lengths),
+        [v for v, n in zip(versions, lengths, strict=True) for _ in range(n)],
+        [x[:, None] for x in inputs],
+        [e[:, None] for e in experts],
     )
+
+
+def capture_batch(
+    adapter: Adapter,
+    forwards: list[Forward],
+    served: dict[tuple[str, int], torch.Tensor],
+    num_experts: int,
+    config: CaptureConfig,
+) -> None:
+    """Captures waiting forwards in one pass; a failure loses their tokens, never the capture thread."""
+    try:
+        with torch.inference_mode():
+            capture_forward(adapter, merge_forwards(forwards), served, num_experts, config)
+    except Exception:
+        log.exception("capturing a forward's statistics failed; its tokens do not count")
 
 
 def capture_forward(

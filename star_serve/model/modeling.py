@@ -214,11 +214,14 @@ class StarMoePreTrainedModel(PreTrainedModel):
         elif isinstance(module, StarMoeRotaryEmbedding):
             init.copy_(module.inv_freq, rope_inv_freq(self.config))
 
-    def trained_bases(self) -> torch.Tensor:
-        """The model's own GHA bases stacked as one tenant's bank row, (L, E, D) in float32."""
+    def _routers(self) -> list[StarMoeRouter]:
         backbone = self.base_model
         assert isinstance(backbone, StarMoeModel)
-        routers = [layer.mlp.router for layer in backbone.decoder_layers()]
+        return [layer.mlp.router for layer in backbone.decoder_layers()]
+
+    def trained_bases(self) -> torch.Tensor:
+        """The model's own GHA bases stacked as one tenant's bank row, (L, E, D) in float32."""
+        routers = self._routers()
         if not routers[0].uses_subspace:
             raise ValueError(f"router_type {self.config.router_type!r} has no GHA subspace")
         return torch.stack([r.basis.detach().float() for r in routers])
@@ -227,10 +230,7 @@ class StarMoePreTrainedModel(PreTrainedModel):
     def router_gates(self, bases: torch.Tensor) -> torch.Tensor:
         """Every MoE layer's whole gate folded with `bases` (..., L, E, D), as the backbone's `router_gates`
         takes them: (..., L, E, D) in the model's dtype."""
-        backbone = self.base_model
-        assert isinstance(backbone, StarMoeModel)
-        routers = [layer.mlp.router for layer in backbone.decoder_layers()]
-        return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(routers)], dim=-3)
+        return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(self._routers())], dim=-3)
 
     def router_alignment(self) -> list[float | None]:
         """Per MoE layer, the mean |cosine| between each linear-gate row and its expert's principal input
