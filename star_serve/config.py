@@ -49,16 +49,17 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
     )
-    adaptation: Literal["async", "sync", "off"] = Field(
-        "async",
+    adaptation: Literal["async", "sync", "shadow", "off"] = Field(
+        "shadow",
         description="Per-tenant test-time subspace adaptation: `async` by a background worker, `sync` before "
-        "routing each batch (STAR.md), or `off`.",
+        "routing each batch (STAR.md), `shadow` (the default: adapted and versioned as in `async`, but every "
+        "tenant is served the trained bases; measured, adaptation raised tenants' loss), or `off`.",
     )
     adaptation_process: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Run `async` adaptation (capture, GHA steps, snapshot writes) in a process of its own, so "
-        "that it never holds the serving process's interpreter lock: `auto` does on a CPU, where the engine is "
-        "bound by that lock; on a GPU the capture runs on the device, in the serving process.",
+        description="Run `async` or `shadow` adaptation (capture, GHA steps, snapshot writes) in a process of its "
+        "own, so that it never holds the serving process's interpreter lock: `auto` does on a CPU, where the "
+        "engine is bound by that lock; on a GPU the capture runs on the device, in the serving process.",
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
     adaptation_min_tokens: int = Field(512, ge=1, description="Tokens of statistics that make one GHA step.")

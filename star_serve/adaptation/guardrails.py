@@ -3,8 +3,9 @@
 Known failure modes of test-time adaptation (STAR.md): long-stream collapse, poisoning by a few crafted
 inputs, non-finite values. Capture clips and screens tokens; here each layer's step is capped in size,
 the new basis must stay within a projection distance of the trained one and no less orthonormal than it
-by more than a tolerance, and a
-tenant whose expert load collapses (low entropy) is flagged for rollback.
+by more than a tolerance, and a tenant whose expert load collapses is rolled back. Collapse is judged
+against the tenant's own routing under the trained bases: a tenant whose traffic always went to few
+experts (code, upper-cased text) has a low entropy that no adaptation caused.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class Guardrails:
     # The most a commit may add to the trained basis's ||V V^T - I||_F (GHA with row renormalisation
     # alone leaves trained bases only roughly orthogonal, so the check is relative to where they started).
     orthogonality_tolerance: float = 0.25
-    entropy_floor: float = 0.5  # expert-load entropy (nats) under which a tenant is rolled back
+    # A layer's expert-load entropy under this share of the tenant's frozen entropy (its tokens routed
+    # with the trained bases) is a collapse, and the tenant is rolled back.
+    min_entropy_ratio: float = 0.5
 
 
 @dataclass
@@ -136,6 +139,15 @@ def load_entropies(counts: torch.Tensor) -> torch.Tensor:
     p = counts / total.clamp_min(1e-300)
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)
     return torch.where(total[..., 0] > 0, entropy, math.log(max(1, counts.shape[-1])))
+
+
+def collapsed(load: torch.Tensor, frozen: list[float] | None, guard: Guardrails) -> bool:
+    """Whether some layer's expert load (L, E) has an entropy under `min_entropy_ratio` of the tenant's
+    frozen entropy at that layer (L,); never when the frozen entropy is not known yet."""
+    if frozen is None or not float(load.sum()):
+        return False
+    floor = guard.min_entropy_ratio * torch.tensor(frozen, dtype=torch.float64)
+    return bool((load_entropies(load) < floor).any())
 
 
 def load_entropy(counts: torch.Tensor) -> float:

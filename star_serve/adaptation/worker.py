@@ -14,12 +14,17 @@ dropped and counted.
 
 In `sync` mode (STAR.md's paper-faithful variant) the routers update the tenant's bank row with each
 batch's own tokens before routing it (`sync_update`), and the worker only commits the row periodically.
+
+In `shadow` mode everything runs as in `async` (capture, guarded steps, versions, snapshots) except that
+the committed bases are never published to the bank: every tenant is served the trained bases, and its
+tokens count against its latest (shadow) version, whichever version served them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -35,7 +40,7 @@ from ..model.gha import orthogonality_defects, projection_distances
 from .bank import BankView, BasesSink
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
 from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
-from .guardrails import Guardrails, guarded_step, load_entropies
+from .guardrails import Guardrails, collapsed, guarded_step, load_entropies
 from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
 from .sync import SyncTenant, SyncUpdate
@@ -49,7 +54,7 @@ class CommitConflict(Exception):
 
 @dataclass(frozen=True)
 class AdaptationConfig:
-    mode: Literal["async", "sync", "off"] = "async"
+    mode: Literal["async", "sync", "shadow", "off"] = "shadow"
     learning_rate: float = 0.05  # default test-time learning rate of a tenant
     min_tokens: int = 512  # statistics of at least this many tokens make a batch (and a step)
     min_interval: float = 1.0  # seconds between a tenant's batches: bounds a busy tenant's commit rate
@@ -77,6 +82,7 @@ class TenantState:
     loaded: bool = False  # the store has been asked for this tenant's latest version and settings
     synced_tokens: int = 0  # sync mode: tokens that moved the tenant's bank row since the last commit
     sync_bases: torch.Tensor | None = None  # sync mode: a copy of the row, to commit
+    frozen_entropy: list[float] | None = None  # per layer: the expert-load entropy of its trained routing
 
     @property
     def drift(self) -> float:
@@ -85,6 +91,7 @@ class TenantState:
 
 
 EXPLAINED_HALF_LIFE = 4096  # tokens
+FROZEN_ENTROPY = "frozen_entropy"  # the snapshots' record of the tenant's frozen routing entropy, per layer
 OTHER_TENANTS = "other"  # the metrics' label for the tenants beyond the top ones
 
 
@@ -148,21 +155,35 @@ class Adapter:
     def _state(self, tenant: str) -> TenantState:
         return self.tenants.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
 
+    @property
+    def serving(self) -> bool:
+        """Whether committed versions route the tenant's requests (not in `shadow` mode)."""
+        return self.config.mode in ("async", "sync")
+
     # -- engine thread -----------------------------------------------------------------------------
 
-    def accepts(self, tenant: str, version: int) -> bool:
-        """Whether tokens of `tenant` served with its basis `version` would count: not when the tenant is
-        frozen, nor when a newer version has replaced that basis (counted as stale)."""
-        if self.config.mode != "async":
-            return False
+    def counted(self, tenant: str, served: int) -> int | None:
+        """The version that tokens of `tenant` served with its basis version `served` count against, None
+        when they do not count: the tenant is frozen, or (async) a newer version has replaced that basis
+        (counted as stale). In shadow mode they count against the tenant's latest version."""
+        if self.config.mode not in ("async", "shadow"):
+            return None
         with self._lock:
             state = self._state(tenant)
-            if version != state.version:
+            if state.frozen:
+                return None
+            if self.config.mode == "shadow":
+                return state.version
+            if served != state.version:
                 self.stats.stale += 1
-                if state.bases is not None and version == 0:  # evicted from the bank: bring it back
+                if state.bases is not None and served == 0:  # evicted from the bank: bring it back
                     self.bank.publish(tenant, state.bases, state.version)
-                return False
-            return not state.frozen
+                return None
+            return served
+
+    def accepts(self, tenant: str, version: int) -> bool:
+        """Whether tokens of `tenant` served with its basis `version` count (see `counted`)."""
+        return self.counted(tenant, version) is not None
 
     def served_bases(self, tenant: str, version: int) -> torch.Tensor:
         """The bases (L, E, D) of the tenant's `version`, when that is its current version (the only one
@@ -215,9 +236,11 @@ class Adapter:
     ) -> None:
         """Takes one tenant's tokens: `inputs` L x (n, D) routed with `bases` (L, E, D) of `version`; `load`
         (L, E) counts them per expert. The engine captures a whole forward's tenants at once instead."""
-        if not self.accepts(tenant, version):
+        counted = self.counted(tenant, version)
+        if counted is None:
             return
-        self.take([tenant], capture_one(bases, inputs, version, self.config.capture), load[None])
+        bases = self.served_bases(tenant, counted) if counted != version else bases
+        self.take([tenant], capture_one(bases, inputs, counted, self.config.capture), load[None])
 
     # -- engine thread, sync mode ------------------------------------------------------------------
 
@@ -380,11 +403,13 @@ class Adapter:
                 version = state.version
             if bases is None or tokens == 0:
                 return False
-            if load is not None and float(load_entropies(load).min()) < self.config.guard.entropy_floor:
+            if load is not None and state.frozen_entropy is None:  # its first tokens, its row barely moved
+                state.frozen_entropy = load_entropies(load).tolist()
+            elif load is not None and collapsed(load, state.frozen_entropy, self.config.guard):
                 with contextlib.suppress(CommitConflict):
                     await self._rollback(tenant, state, None)
                 return False
-            snapshot = Snapshot(self.model, tenant, version + 1, bases, meta={"mode": "sync"})
+            snapshot = Snapshot(self.model, tenant, version + 1, bases, meta=self._meta(state, mode="sync"))
             try:
                 committed = await self.store.commit(snapshot, expected=version)
             except Exception:
@@ -576,8 +601,7 @@ class Adapter:
                 self.stats.batches["frozen"] += len(fresh)
                 return handled | {b.id for b in fresh}, False
             stats = _combined(version, fresh)
-            load = torch.stack([b.load for b in fresh]).sum(0)
-            if float(load_entropies(load).min()) < self.config.guard.entropy_floor:
+            if self._collapsed(state, fresh):
                 try:
                     await self._rollback(tenant, state, None)
                 except CommitConflict:
@@ -591,7 +615,7 @@ class Adapter:
                 self.stats.rejected_steps += 1
                 self.stats.batches["refused"] += len(fresh)
                 return handled | {b.id for b in fresh}, False
-            snapshot = Snapshot(self.model, tenant, version + 1, new, meta={"learning_rate": repr(lr)})
+            snapshot = Snapshot(self.model, tenant, version + 1, new, meta=self._meta(state, learning_rate=repr(lr)))
             if not await self.store.commit(snapshot, expected=version, applied=[b.id for b in fresh]):
                 self.stats.commits_lost += 1
                 with self._lock:
@@ -622,10 +646,31 @@ class Adapter:
         state.version, state.bases, state.updated = snapshot.version, snapshot.bases, snapshot.created
         state.drifts = drifts or projection_distances(snapshot.bases, self.trained).tolist()
         state.tokens_seen += tokens
+        if state.frozen_entropy is None and FROZEN_ENTROPY in snapshot.meta:
+            state.frozen_entropy = json.loads(snapshot.meta[FROZEN_ENTROPY])
         if self.pending.version(tenant) not in (None, snapshot.version):
             self.pending.discard(tenant)
-        if publish:
+        if publish and self.serving:
             self.bank.publish(tenant, snapshot.bases, snapshot.version)
+
+    def _collapsed(self, state: TenantState, batches: list[StatisticsBatch]) -> bool:
+        """Whether the batches' expert load has collapsed against the tenant's frozen routing, which the
+        batches served with the trained bases (version 0) measure the first time. In shadow mode every
+        tenant is served the trained bases: nothing adapted routes, so nothing can collapse."""
+        if self.config.mode == "shadow":
+            return False
+        frozen = [b.load for b in batches if b.version == 0]
+        if state.frozen_entropy is None and frozen:
+            state.frozen_entropy = load_entropies(torch.stack(frozen).sum(0)).tolist()
+        adapted = [b.load for b in batches if b.version > 0]
+        return bool(adapted) and collapsed(torch.stack(adapted).sum(0), state.frozen_entropy, self.config.guard)
+
+    @staticmethod
+    def _meta(state: TenantState, **meta: str) -> dict[str, str]:
+        """A snapshot's metadata: `meta` and the tenant's frozen routing entropy, once known."""
+        if state.frozen_entropy is not None:
+            meta[FROZEN_ENTROPY] = json.dumps(state.frozen_entropy)
+        return meta
 
     def _drop_uncommitted(self, tenant: str, state: TenantState) -> None:
         """Forgets the tenant's statistics not yet committed (pending here, or counted in sync mode). Under
@@ -698,7 +743,7 @@ class Adapter:
                 raise KeyError(version)
             bases = snapshot.bases
         current = state.version
-        restored = Snapshot(self.model, tenant, current + 1, bases, meta={"restored_from": str(version)})
+        restored = Snapshot(self.model, tenant, current + 1, bases, meta=self._meta(state, restored_from=str(version)))
         if not await self.store.commit(restored, expected=current):
             self.stats.commits_lost += 1
             raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")

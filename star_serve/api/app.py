@@ -124,7 +124,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
 
 
 def _adapts_in_a_process(settings: Settings, device: torch.device) -> bool:
-    if settings.adaptation != "async" or settings.adaptation_process == "off":
+    if settings.adaptation not in ("async", "shadow") or settings.adaptation_process == "off":
         return False
     return settings.adaptation_process == "on" or device.type == "cpu"
 

@@ -189,6 +189,7 @@ async def rotation_shift(
     k = model.config.num_experts_per_tok
     trained = model.trained_bases()  # (L, E, D)
     config = AdaptationConfig(
+        mode="async",
         learning_rate=cfg.rotation_learning_rate,
         min_tokens=1 << 30,  # no step on the way: one per round, at its flush
         guard=cfg.rotation_guard,
@@ -294,7 +295,7 @@ async def _adapt_classifier(
     """Serves every tenant's traffic concurrently through a `ClassificationEngine` with an `Adapter`
     (product defaults); returns the bank with the versions committed by then."""
     bank = TenantBank(start, torch.device("cpu"), torch.float32, capacity=len(traffic) + 1, fold=model.router_gates)
-    adapter = Adapter(store_dir.name, start, bank, LocalDirStore(store_dir), AdaptationConfig())
+    adapter = Adapter(store_dir.name, start, bank, LocalDirStore(store_dir), AdaptationConfig(mode="async"))
     engine = ClassificationEngine(
         model, tokenizer, bank, BatcherConfig(max_batch=32, max_waiting=4096), adapter=adapter
     )
@@ -388,7 +389,7 @@ async def corruption_shift(
         "adapt_inputs": len(adaptation),
         "cells": table,
         "mean": {kind: statistics.fmean(table[c][str(s)][kind] for c, s in shifted) for kind in kinds},
-        "adaptation": asdict(AdaptationConfig()),  # the product's defaults, as served
+        "adaptation": asdict(AdaptationConfig(mode="async")),  # the product's defaults, adapted bases served
     }
 
 

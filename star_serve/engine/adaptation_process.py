@@ -173,8 +173,8 @@ class AdaptationProcess:
         top_k: int,
         top_tenants: int = 10,  # tenants whose health the reports name (the rest as "other")
     ) -> None:
-        if config.mode != "async":
-            raise ValueError("only async adaptation runs in a process of its own")
+        if config.mode not in ("async", "shadow"):
+            raise ValueError("only async and shadow adaptation run in a process of its own")
         self.model, self.bank, self.config, self.backends = model, bank, config, backends
         self.syncing = False
         self.on_commit: Callable[[float], None] | None = None
@@ -505,9 +505,7 @@ def _capture_forwards(
             waiting.append(forward)
             tokens += len(forward.tenants)
         if waiting and (ended or tokens >= CAPTURE_BATCH_TOKENS or time.monotonic() - first >= CAPTURE_MAX_DELAY):
-            keys = {key for f in waiting for key in zip(f.tenants, f.versions, strict=True)}
-            served = {key: adapter.served_bases(*key) for key in keys}
-            capture_batch(adapter, waiting, served, num_experts, config)
+            capture_batch(adapter, waiting, num_experts, config)
             waiting, tokens = [], 0
 
 

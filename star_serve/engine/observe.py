@@ -94,7 +94,6 @@ class Observer:
         self._sampler = ForwardSampler(adapter.config.capture.sample_rate, seed)
         self._capture_config = ForwardSampler.whole(adapter.config.capture)
         self._waiting: list[Forward] = []
-        self._bases: dict[tuple[str, int], torch.Tensor] = {}  # (tenant, version) -> bases of the waiting
         self._tokens = 0  # real tokens of the forwards waiting
         self._closed = False
         self._changed = threading.Condition()
@@ -120,23 +119,10 @@ class Observer:
         tokens = sum(lengths)
         with self._changed:
             self._changed.wait_for(lambda: self._tokens < self.max_waiting or self._closed)
-            self._keep_bases(forward, view)
             self._waiting.append(forward)
             self._tokens += tokens
             if len(self._waiting) == 1 or self._tokens - tokens < self.batch_tokens <= self._tokens:
                 self._changed.notify_all()  # the first forward starts the delay; a full batch ends it
-
-    def _keep_bases(self, forward: Forward, view: BankView) -> None:
-        """Copies the bases of the (tenant, version) pairs that no waiting forward has yet brought: a
-        version's bases never change, but its bank row may be reused once the forward is done."""
-        assert view.bank is not None and view.index is not None
-        new: dict[tuple[str, int], int] = {}
-        for i, key in enumerate(zip(forward.tenants, forward.versions, strict=True)):
-            if key not in self._bases:
-                new.setdefault(key, i)
-        if new:
-            rows = view.index[torch.tensor(list(new.values()), device=view.index.device)]
-            self._bases.update(zip(new, view.bank[rows], strict=True))  # (L, E, D) each, copies
 
     def close(self) -> None:
         """Captures what is waiting, then stops the thread."""
@@ -152,10 +138,10 @@ class Observer:
                 self._changed.wait_for(lambda: self._tokens >= self.batch_tokens or self._closed, self.max_delay)
                 if not self._waiting:
                     return
-                forwards, bases = self._waiting, self._bases
-                self._waiting, self._bases, self._tokens = [], {}, 0
+                forwards = self._waiting
+                self._waiting, self._tokens = [], 0
                 self._changed.notify_all()
-            capture_batch(self.adapter, forwards, bases, self.num_experts, self._capture_config)
+            capture_batch(self.adapter, forwards, self.num_experts, self._capture_config)
 
 
 @dataclass
@@ -235,36 +221,28 @@ def per_token(
     )
 
 
-def capture_batch(
-    adapter: Adapter,
-    forwards: list[Forward],
-    served: dict[tuple[str, int], torch.Tensor],
-    num_experts: int,
-    config: CaptureConfig,
-) -> None:
+def capture_batch(adapter: Adapter, forwards: list[Forward], num_experts: int, config: CaptureConfig) -> None:
     """Captures waiting forwards in one pass; a failure loses their tokens, never the capture thread."""
     try:
         with torch.inference_mode():
-            capture_forward(adapter, merge_forwards(forwards), served, num_experts, config)
+            capture_forward(adapter, merge_forwards(forwards), num_experts, config)
     except Exception:
         log.exception("capturing a forward's statistics failed; its tokens do not count")
 
 
-def capture_forward(
-    adapter: Adapter,
-    forward: Forward,
-    served: dict[tuple[str, int], torch.Tensor],
-    num_experts: int,
-    config: CaptureConfig,
-) -> None:
-    names, groups, versions, real = forward.grouped()
-    accepted = [adapter.accepts(t, v) for t, v in zip(names, versions, strict=True)]
+def capture_forward(adapter: Adapter, forward: Forward, num_experts: int, config: CaptureConfig) -> None:
+    """Each group's statistics against the version its tokens count against (see `Adapter.counted`): the
+    version that served them in async mode, the tenant's latest shadow version in shadow mode."""
+    names, groups, served, real = forward.grouped()
+    counted = [adapter.counted(t, v) for t, v in zip(names, served, strict=True)]
+    accepted = [v is not None for v in counted]
     if not any(accepted):
         return
+    versions = [v or 0 for v in counted]
     load = expert_load(forward.expert_indices, real, groups, len(names), num_experts)  # (G, L, E)
-    counted = real & torch.tensor(accepted)[groups][:, None]  # only tokens that will count are captured
-    bases = torch.stack([served[key] for key in zip(names, versions, strict=True)])  # (G, L, E, D)
-    stats = capture_groups(bases, groups, forward.router_inputs, counted, groups, versions, config)
+    tokens = real & torch.tensor(accepted)[groups][:, None]  # only tokens that will count are captured
+    bases = torch.stack([adapter.served_bases(t, v) for t, v in zip(names, versions, strict=True)])  # (G, L, E, D)
+    stats = capture_groups(bases, groups, forward.router_inputs, tokens, groups, versions, config)
     adapter.take([t if ok else None for t, ok in zip(names, accepted, strict=True)], stats, load)
 
 

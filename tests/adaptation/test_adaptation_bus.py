@@ -69,7 +69,7 @@ async def _owning(bus: RedisStatisticsBus, timeout: float = 10.0) -> list:  # ty
 
 def test_a_dead_owners_pending_entries_are_reclaimed_and_applied_once(redis_url: str, tmp_path: Path) -> None:
     model, tenant = f"lm-{uuid.uuid4().hex[:8]}", "acme"
-    config = AdaptationConfig(learning_rate=0.1, min_tokens=1)
+    config = AdaptationConfig(mode="async", learning_rate=0.1, min_tokens=1)
 
     def adapter(redis: Redis, bus: RedisStatisticsBus) -> Adapter:
         bank = TenantBank(_trained(), torch.device("cpu"), torch.float32)

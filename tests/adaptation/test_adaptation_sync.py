@@ -14,7 +14,7 @@ from star_serve.adaptation.guardrails import guarded_layer_step
 from star_serve.model import StarMoeConfig, StarMoeForCausalLM, gha_statistics
 
 CPU = torch.device("cpu")
-GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0, entropy_floor=0.0)
+GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0, min_entropy_ratio=0.0)
 
 
 def _setup(tmp_path: Path, min_tokens: int = 1000) -> tuple[StarMoeForCausalLM, TenantBank, Adapter]:

@@ -1,5 +1,6 @@
-"""The adapter without a server: statistics in, guarded step, compare-and-set commit, bank published;
-stale statistics dropped; an expert-load collapse rolls the tenant back."""
+"""The adapter without a server: statistics in, guarded step, compare-and-set commit, bank published (not
+in shadow mode); stale statistics dropped; an expert-load collapse, judged against the tenant's own
+frozen routing, rolls the tenant back."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def _adapter(
     gen = torch.Generator().manual_seed(0)
     trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = config or AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
+    config = config or AdaptationConfig(
+        mode="async", learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9)
+    )
     return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config, bus), bank
 
 
@@ -73,6 +76,75 @@ def test_an_expert_load_collapse_rolls_back(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def _narrow() -> torch.Tensor:
+    """An expert load (L, E) of 16 tokens nearly all on expert 0: entropy 0.46 nats of a possible 1.39."""
+    return torch.tensor([[14, 1, 1, 0]] * L)
+
+
+def test_a_tenant_whose_traffic_always_routed_narrowly_is_not_rolled_back(tmp_path: Path) -> None:
+    adapter, _ = _adapter(tmp_path)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0, load=_narrow())  # served by the trained bases: the tenant's frozen routing
+        assert await adapter.step("acme")
+        _observe(adapter, 1, load=_narrow())  # as narrow under its own bases: no collapse of adaptation's making
+        assert await adapter.step("acme")
+        assert adapter.tenants["acme"].version == 2 and adapter.stats.rollbacks == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_frozen_routing_entropy_survives_a_restart(tmp_path: Path) -> None:
+    adapter, _ = _adapter(tmp_path)
+
+    async def first() -> list[float] | None:
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0)
+        assert await adapter.step("acme")
+        return adapter.tenants["acme"].frozen_entropy
+
+    frozen = asyncio.run(first())
+    assert frozen is not None and len(frozen) == L
+    restarted, _ = _adapter(tmp_path)  # the same store: the snapshot carries the tenant's frozen entropy
+
+    async def second() -> None:
+        await restarted.ensure_loaded("acme")
+        assert restarted.tenants["acme"].frozen_entropy == frozen
+        collapsed = torch.zeros(L, E, dtype=torch.long)
+        collapsed[:, 0] = 16
+        state = restarted.tenants["acme"]
+        assert state.bases is not None
+        restarted.observe("acme", 1, state.bases, [torch.randn(16, D) for _ in range(L)], collapsed)
+        assert not await restarted.step("acme")
+        assert restarted.stats.rollbacks == 1
+
+    asyncio.run(second())
+
+
+def test_shadow_mode_commits_versions_but_serves_the_trained_bases(tmp_path: Path) -> None:
+    config = AdaptationConfig(mode="shadow", learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
+    adapter, bank = _adapter(tmp_path, config)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        for version in (1, 2, 3):
+            _observe(adapter, 0)  # always served by the trained bases, always counted against the latest version
+            assert await adapter.step("acme")
+            assert adapter.tenants["acme"].version == version
+        assert adapter.stats.stale == 0 and adapter.stats.rollbacks == 0
+        moved = adapter.tenants["acme"].bases
+        assert moved is not None and (moved - adapter.trained).abs().max() > 1e-4
+        view = bank.lookup(["acme"])
+        assert view.versions == [0] and view.rows == [0] and bank.resident() == 0
+        stored = await adapter.store.latest("lm", "acme")
+        assert stored is not None and stored.version == 3
+        await adapter.rollback("acme", 1)  # a rollback is a new version, still not served
+        assert adapter.tenants["acme"].version == 4 and bank.lookup(["acme"]).versions == [0]
+
+    asyncio.run(scenario())
+
+
 class _TimedBus(LocalBus):
     """The in-process bus, noting when each batch was published."""
 
@@ -89,7 +161,7 @@ def _timed_adapter(tmp_path: Path, min_tokens: int, min_interval: float) -> tupl
     capture = CaptureConfig(max_token_norm=1e9)
     bus = _TimedBus()
     adapter, _ = _adapter(
-        tmp_path, AdaptationConfig(min_tokens=min_tokens, min_interval=min_interval, capture=capture), bus
+        tmp_path, AdaptationConfig(mode="async", min_tokens=min_tokens, min_interval=min_interval, capture=capture), bus
     )
     return adapter, bus
 
@@ -117,7 +189,9 @@ def test_a_tenants_drift_is_each_committed_layers_distance_from_the_trained_basi
     gen = torch.Generator().manual_seed(0)
     trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
     guard = Guardrails(max_distance=0.02)  # layer 1's large steps reach the cap at once; layer 0's small ones do not
-    config = AdaptationConfig(learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9), guard=guard)
+    config = AdaptationConfig(
+        mode="async", learning_rate=0.1, min_tokens=8, capture=CaptureConfig(max_token_norm=1e9), guard=guard
+    )
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
     adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), config)
 

@@ -146,7 +146,9 @@ def test_each_round_commits_one_version_through_the_adapter(tokenizer: PreTraine
 
     async def scenario() -> tuple[torch.Tensor, dict[str, Any]]:
         bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-        adapter = Adapter("lm", trained, bank, LocalDirStore(tmp_path), AdaptationConfig(min_tokens=1 << 30))
+        adapter = Adapter(
+            "lm", trained, bank, LocalDirStore(tmp_path), AdaptationConfig(mode="async", min_tokens=1 << 30)
+        )
         adapter.start()
         try:
             bases = await _adapt_rotated(adapter, bank, "acme", routers, inputs, rounds=3, chunk=64, k=1)

@@ -1,5 +1,5 @@
-"""Per-tenant adaptation through the real server: traffic commits versions (async and sync modes), tenants
-stay isolated, settings and state survive a kill -9, and reset and rollback restore exact bytes."""
+"""Per-tenant adaptation through the real server: traffic commits versions (async, sync and shadow modes),
+tenants stay isolated, settings and state survive a kill -9, and reset and rollback restore exact bytes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from star_serve.adaptation.store import LocalDirStore
 from .support import LM_NAME, Launcher, Server, wait_until
 
 PROMPT = "the quick brown fox jumps over the lazy dog and then the"
-ENV = {"STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
+ENV = {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
 
 
 def _complete(server: Server, tenant: str, max_tokens: int = 8) -> dict:
@@ -76,6 +76,18 @@ def test_traffic_commits_versions_for_its_tenant_only(launch: Launcher, where: s
     assert bystander["version"] == 0 and max(bystander["drift"]) < 1e-6
     assert _complete(server, "bystander")["choices"] == untouched_before["choices"]
     assert not list((server.state_dir / "snapshots" / LM_NAME / "bystander").glob("*.safetensors"))
+
+
+def test_the_default_shadow_mode_versions_a_tenant_but_serves_the_trained_bases(launch: Launcher) -> None:
+    server = launch(env={k: v for k, v in ENV.items() if k != "STAR_ADAPTATION"})  # the default mode
+    first = _complete(server, "shadowed")
+    _adapt(server, "shadowed", versions=2)
+    shadowed = _subspace(server, "shadowed")
+    assert shadowed["tokens_seen"] >= 2 * 16 and all(d > 0 for d in shadowed["drift"])
+    assert torch.isfinite(_stored(server, "shadowed", shadowed["version"])).all()
+    again = _complete(server, "shadowed")
+    assert again["star"]["subspace_version"] == 0  # what served it: the trained bases
+    assert again["choices"] == first["choices"]
 
 
 def test_sync_mode_moves_the_tenants_row_with_its_own_batches(launch: Launcher) -> None:

@@ -21,7 +21,12 @@ from .support import LM_NAME, Launcher, RedisProcess, Server, wait_until
 pytestmark = pytest.mark.chaos
 
 TENANTS = ("north", "south", "east", "west")
-ADAPTING = {"STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2", "STAR_SNAPSHOT_KEEP": "1000"}
+ADAPTING = {
+    "STAR_ADAPTATION": "async",
+    "STAR_ADAPTATION_MIN_TOKENS": "16",
+    "STAR_ADAPTATION_LEARNING_RATE": "0.2",
+    "STAR_SNAPSHOT_KEEP": "1000",
+}
 
 
 class Load:

@@ -24,7 +24,12 @@ def _version(server: Server, tenant: str) -> int:
 
 
 def test_serving_survives_a_redis_outage(launch: Launcher, own_redis: RedisProcess) -> None:
-    env = {"STAR_REDIS_URL": own_redis.url, "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
+    env = {
+        "STAR_REDIS_URL": own_redis.url,
+        "STAR_ADAPTATION": "async",
+        "STAR_ADAPTATION_MIN_TOKENS": "16",
+        "STAR_ADAPTATION_LEARNING_RATE": "0.2",
+    }
     server = launch(env=env)
     wait_until(lambda: _complete(server, "steady") >= 0 and _version(server, "steady") >= 1, 60, "a first version")
     before = _version(server, "steady")

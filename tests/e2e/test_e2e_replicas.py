@@ -33,7 +33,12 @@ def _batches(server: Server) -> dict[str, float]:
 
 
 def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str) -> None:
-    env = {"STAR_REDIS_URL": redis_url, "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
+    env = {
+        "STAR_REDIS_URL": redis_url,
+        "STAR_ADAPTATION": "async",
+        "STAR_ADAPTATION_MIN_TOKENS": "16",
+        "STAR_ADAPTATION_LEARNING_RATE": "0.2",
+    }
     replicas = [launch(env=env), launch(env=env)]
     for server in replicas:
         assert server.http.get("/ready").json()["store"] == "ok", server.log()

@@ -32,7 +32,9 @@ def _trained() -> torch.Tensor:
 def _process(tmp_path: Path) -> tuple[AdaptationProcess, TenantBank]:
     trained = _trained()
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
-    config = AdaptationConfig(min_tokens=TOKENS, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9))
+    config = AdaptationConfig(
+        mode="async", min_tokens=TOKENS, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9)
+    )
     return AdaptationProcess("lm", trained, bank, config, Backends(tmp_path), E, K, top_tenants=4), bank
 
 

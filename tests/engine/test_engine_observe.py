@@ -22,7 +22,7 @@ def _adapter(tmp_path: Path, sample_rate: float = 1.0) -> tuple[Adapter, TenantB
     trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
     capture_config = CaptureConfig(sample_rate=sample_rate, max_token_norm=1e9)
-    config = AdaptationConfig(min_tokens=1 << 20, capture=capture_config)
+    config = AdaptationConfig(mode="async", min_tokens=1 << 20, capture=capture_config)
     return Adapter("lm", trained, bank, LocalDirStore(tmp_path), config), bank
 
 
