@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     )
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may finish.")
 
+    @classmethod
+    def default(cls, field: str) -> Any:
+        """The default of `field`: what an internal config that mirrors a setting defaults to, written once."""
+        return cls.model_fields[field].get_default(call_default_factory=True)
+
     @property
     def resolved_state_dir(self) -> Path:
         return self.state_dir or self.cache_dir / "state"

@@ -6,22 +6,14 @@ The engine reports plain stats objects; this module is the one place that turns 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .adaptation import AdaptationReport, load_entropy
+from .adaptation import AdaptationHandle, load_entropy
 from .engine.types import EngineStats, StepStats
-
-
-class Reporting(Protocol):
-    """An adapter, in this process or in one of its own."""
-
-    def report(self, top: int) -> AdaptationReport: ...
-
 
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -96,14 +88,14 @@ class ServingMetrics:
         """Reads running and waiting counts from the engines at scrape time."""
         self.registry.register(_EngineCollector(engines))
 
-    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, Reporting]]], top_tenants: int) -> None:
+    def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, AdaptationHandle]]], top_tenants: int) -> None:
         """Reads the adaptation counters from the adapters at scrape time, and the health of their
         `top_tenants` busiest tenants (the rest as one "other")."""
         self.registry.register(_AdaptationCollector(adapters, top_tenants))
 
 
 class _AdaptationCollector(Collector):
-    def __init__(self, adapters: Callable[[], Iterable[tuple[str, Reporting]]], top_tenants: int) -> None:
+    def __init__(self, adapters: Callable[[], Iterable[tuple[str, AdaptationHandle]]], top_tenants: int) -> None:
         self._adapters, self._top = adapters, top_tenants
 
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:

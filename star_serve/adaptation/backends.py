@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import Settings
 from .bus import LocalBus, RedisStatisticsBus, StatisticsBus
 from .redis_store import RedisSnapshotStore
 from .store import LocalDirStore, SnapshotStore
@@ -16,9 +17,18 @@ class Backends:
     statistics delivered in the process."""
 
     directory: Path
-    keep: int = 10  # versions of each tenant's bases kept for rollback
+    keep: int = Settings.default("snapshot_keep")  # versions of each tenant's bases kept for rollback
     redis_url: str | None = None
-    partitions: int = 16  # Redis Streams that tenants' statistics are sharded over
+    partitions: int = Settings.default("adaptation_partitions")  # Redis Streams the statistics are sharded over
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Backends:
+        return cls(
+            settings.resolved_state_dir / "snapshots",
+            keep=settings.snapshot_keep,
+            redis_url=settings.redis_url,
+            partitions=settings.adaptation_partitions,
+        )
 
     def open(self, model: str) -> tuple[SnapshotStore, StatisticsBus]:
         if self.redis_url:

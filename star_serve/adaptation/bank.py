@@ -13,22 +13,44 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+if TYPE_CHECKING:
+    from .sync import SyncUpdate
+
 
 @dataclass(frozen=True)
-class BankView:
-    """What one forward needs: the stacked bases (T, L, E, D), each sequence's index into them (B,) and
-    versions, each sequence's row of the whole bank (0: the trained bases), and the gates folded from the
-    rows: (B, L, E, D) per sequence, or (1, L, E, D) when the batch has a single row."""
+class RoutingPlan:
+    """How one forward routes, decided once, by the bank: the stacked bases (T, L, E, D), each sequence's
+    index into them (B,) and versions, each sequence's row of the whole bank (0: the trained bases), the
+    gates folded from the rows ((B, L, E, D) per sequence, or (1, L, E, D) when the batch has a single
+    row), and in sync mode the update that moves the batch's rows in place before each layer routes (the
+    forward then routes from the bases, not from gates folded before the update)."""
 
     bank: torch.Tensor | None
     index: torch.Tensor | None
     versions: list[int]
     rows: list[int]
     gates: torch.Tensor | None = None
+    update: SyncUpdate | None = None
+
+    def model_inputs(self) -> dict[str, Any]:
+        """The plan as the model's routing arguments."""
+        return {
+            "router_bank": self.bank,
+            "tenant_index": self.index,
+            "router_gates": self.gates,
+            "router_update": self.update,
+        }
+
+
+class BatchRouter(Protocol):
+    """What the engine asks how a batch routes: the bank itself, or (sync mode) the bank with the routers'
+    update of the batch's rows."""
+
+    def plan(self, tenants: Sequence[str], lengths: Sequence[int]) -> RoutingPlan: ...
 
 
 class BasesSink(Protocol):
@@ -104,13 +126,18 @@ class TenantBank:
             return None
         return self._stack[self._rows[tenant][0]]
 
-    def lookup(self, tenants: Sequence[str], own: Collection[str] = (), in_place: bool = False) -> BankView:
+    def plan(self, tenants: Sequence[str], lengths: Sequence[int] = ()) -> RoutingPlan:
+        """How a batch whose sequences belong to `tenants` routes: each with its tenant's row. Engine thread
+        only."""
+        return self.lookup(tenants)
+
+    def lookup(self, tenants: Sequence[str], own: Collection[str] = (), in_place: bool = False) -> RoutingPlan:
         """The bank and per-sequence rows for a batch whose sequences belong to `tenants`; those in `own`
         get a row of their own (a copy of the trained bases) if they have none. With `in_place`, the forward
         may rewrite the batch's bases in place (sync mode): it gets no gates, and the rows' gates are folded
         again at the next lookup. Engine thread only."""
         if self._stack is None:
-            return BankView(None, None, [0] * len(tenants), [0] * len(tenants))
+            return RoutingPlan(None, None, [0] * len(tenants), [0] * len(tenants))
         self._apply_pending()
         for tenant in own:
             if tenant not in self._rows:
@@ -134,8 +161,8 @@ class TenantBank:
             bank = self._stack[: self._used]
         if in_place:
             self._unfolded.update(rows)
-            return BankView(bank, index, versions, rows)
-        return BankView(bank, index, versions, rows, self._gates_of(rows, index, single))
+            return RoutingPlan(bank, index, versions, rows)
+        return RoutingPlan(bank, index, versions, rows, self._gates_of(rows, index, single))
 
     def _gates_of(self, rows: list[int], index: torch.Tensor, single: bool) -> torch.Tensor | None:
         """The batch's gates: a single row's (1, L, E, D), or each sequence's (B, L, E, D), gathered again

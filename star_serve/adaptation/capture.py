@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import Settings
 from ..model.gha import GhaStatistics
 
 CHUNK = 16  # tokens of one group per batched product in `capture_groups`
@@ -18,9 +19,14 @@ CHUNK = 16  # tokens of one group per batched product in `capture_groups`
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    sample_rate: float = 1.0  # fraction of a tenant's tokens that count
-    max_token_norm: float = 64.0  # rows above this L2 norm are scaled down to it
-    max_tokens_per_batch: int = 4096  # per tenant and capture pass: beyond it, tokens are dropped
+    sample_rate: float = Settings.default("adaptation_sample_rate")  # fraction of a tenant's tokens that count
+    max_token_norm: float = Settings.default("max_token_norm")  # rows above this L2 norm are scaled down to it
+    # per tenant and capture pass: beyond it, tokens are dropped
+    max_tokens_per_batch: int = Settings.default("adaptation_token_budget")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CaptureConfig:
+        return cls(settings.adaptation_sample_rate, settings.max_token_norm, settings.adaptation_token_budget)
 
 
 @dataclass

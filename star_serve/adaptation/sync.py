@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.gha import gha_statistics
-from .bank import BankView
+from .bank import RoutingPlan
 from .capture import CaptureConfig, CaptureCounts
 from .guardrails import Guardrails, guarded_layer_step
 
@@ -28,7 +28,7 @@ class SyncUpdate:
 
     def __init__(
         self,
-        view: BankView,
+        view: RoutingPlan,
         tenants: dict[str, SyncTenant],
         lengths: list[int],  # (B,) real tokens of each sequence in this forward
         trained: torch.Tensor,  # (L, E, D) on the bank's device

@@ -36,10 +36,12 @@ from typing import Literal
 
 import torch
 
+from ..config import Settings
 from ..model.gha import orthogonality_defects, projection_distances
-from .bank import BankView, BasesSink
+from .bank import BasesSink, RoutingPlan
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
 from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
+from .errors import CommitConflict, VersionNotKept
 from .guardrails import Guardrails, collapsed, guarded_step, load_entropies
 from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
@@ -48,28 +50,36 @@ from .sync import SyncTenant, SyncUpdate
 log = logging.getLogger(__name__)
 
 
-class CommitConflict(Exception):
-    """A compare-and-set commit lost to another writer; the caller may retry."""
-
-
 @dataclass(frozen=True)
 class AdaptationConfig:
-    mode: Literal["async", "sync", "shadow", "off"] = "shadow"
-    learning_rate: float = 0.05  # default test-time learning rate of a tenant
-    min_tokens: int = 512  # statistics of at least this many tokens make a batch (and a step)
-    min_interval: float = 1.0  # seconds between a tenant's batches: bounds a busy tenant's commit rate
+    """How one model adapts; the fields that mirror a setting default to it (`Settings` documents them)."""
+
+    mode: Literal["async", "sync", "shadow", "off"] = Settings.default("adaptation")
+    learning_rate: float = Settings.default("adaptation_learning_rate")  # a new tenant's
+    min_tokens: int = Settings.default("adaptation_min_tokens")  # statistics that make a batch (and a step)
+    min_interval: float = Settings.default("adaptation_min_interval")  # seconds between a tenant's batches
     max_staleness: int = 4  # versions: batches taken against an older basis are dropped, not applied
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
     poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
     pending_tenants: int = 256  # tenants whose statistics can wait for publication at once
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AdaptationConfig:
+        return cls(
+            mode=settings.adaptation,
+            learning_rate=settings.adaptation_learning_rate,
+            min_tokens=settings.adaptation_min_tokens,
+            min_interval=settings.adaptation_min_interval,
+            capture=CaptureConfig.from_settings(settings),
+        )
+
 
 @dataclass
 class TenantState:
+    learning_rate: float
     version: int = 0
     bases: torch.Tensor | None = None  # (L, E, D); None: the trained bases
-    learning_rate: float = 0.05
     frozen: bool = False
     tokens_seen: int = 0
     updated: float | None = None
@@ -253,7 +263,7 @@ class Adapter:
         with self._lock:
             return [t for t in dict.fromkeys(tenants) if not self._state(t).frozen]
 
-    def sync_update(self, view: BankView, tenants: list[str], lengths: list[int]) -> SyncUpdate | None:
+    def sync_update(self, view: RoutingPlan, tenants: list[str], lengths: list[int]) -> SyncUpdate | None:
         """The routers' in-place update of one forward, for the batch's tenants that have a row of their own."""
         if view.bank is None or view.index is None or self.bank.trained is None:
             return None
@@ -740,7 +750,7 @@ class Adapter:
         else:
             snapshot = await self.store.load(self.model, tenant, version)
             if snapshot is None:
-                raise KeyError(version)
+                raise VersionNotKept(tenant, version)
             bases = snapshot.bases
         current = state.version
         restored = Snapshot(self.model, tenant, current + 1, bases, meta=self._meta(state, restored_from=str(version)))

@@ -18,12 +18,9 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adaptation import AdaptationConfig, Adapter, CaptureConfig, TenantBank
-from ..adaptation.backends import Backends
+from ..adaptation import TenantBank, open_adaptation
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
-from ..engine.adaptation_process import AdaptationProcess
-from ..engine.observe import ForwardSink
 from ..engine.types import StepStats
 from ..metrics import ServingMetrics
 from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
@@ -66,40 +63,15 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     metrics.observe_alignment(name, model.router_alignment())
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype, fold=model.router_gates)
-    adapter: Adapter | AdaptationProcess | None = None
-    if trained is not None and settings.adaptation != "off":
-        adaptation = AdaptationConfig(
-            mode=settings.adaptation,
-            learning_rate=settings.adaptation_learning_rate,
-            min_tokens=settings.adaptation_min_tokens,
-            min_interval=settings.adaptation_min_interval,
-            capture=CaptureConfig(
-                sample_rate=settings.adaptation_sample_rate,
-                max_token_norm=settings.max_token_norm,
-                max_tokens_per_batch=settings.adaptation_token_budget,
-            ),
-        )
-        backends = Backends(
-            settings.resolved_state_dir / "snapshots",
-            keep=settings.snapshot_keep,
-            redis_url=settings.redis_url,
-            partitions=settings.adaptation_partitions,
-        )
-        if _adapts_in_a_process(settings, device):
-            experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
-            adapter = AdaptationProcess(
-                name, trained, bank, adaptation, backends, *experts, top_tenants=settings.metrics_top_tenants
-            )
-        else:
-            store, bus = backends.open(name)
-            adapter = Adapter(name, trained, bank, store, adaptation, bus)
+    experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
+    adapter = open_adaptation(name, trained, bank, experts, settings)
+    if adapter is not None:
         adapter.on_commit = metrics.adaptation_lag.labels(name).observe
+    routing = bank if adapter is None else adapter.routing
+    sink = None if adapter is None else adapter.sink
 
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
-
-    in_process = adapter if isinstance(adapter, Adapter) else None
-    observer: ForwardSink | None = adapter.observer if isinstance(adapter, AdaptationProcess) else None
 
     engine: GenerationEngine | ClassificationEngine
     if isinstance(model, StarMoeForCausalLM):
@@ -109,7 +81,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_prefill_batch=settings.max_prefill_batch,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, bank, config, on_step, in_process, observer)
+        engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink)
     else:
         assert isinstance(model, StarMoeForSequenceClassification)
         batcher = BatcherConfig(
@@ -117,16 +89,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_wait=settings.classify_max_wait_ms / 1000,
             max_waiting=max(1, settings.max_waiting * 4),
         )
-        engine = ClassificationEngine(model, tokenizer, bank, batcher, on_step, in_process, observer)
-    return ServedModel(
-        name=name, task=task, engine=engine, tokenizer=tokenizer, created=int(time.time()), adapter=adapter
-    )
-
-
-def _adapts_in_a_process(settings: Settings, device: torch.device) -> bool:
-    if settings.adaptation not in ("async", "shadow") or settings.adaptation_process == "off":
-        return False
-    return settings.adaptation_process == "on" or device.type == "cpu"
+        engine = ClassificationEngine(model, tokenizer, routing, batcher, on_step, sink)
+    return ServedModel(name, task, engine, bank, tokenizer, created=int(time.time()), adapter=adapter)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -144,9 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             served = await asyncio.to_thread(load_served_model, name, directory, state)
             served.engine.start()
             if served.adapter is not None:
-                served.adapter.start()  # from this thread: an adaptation process dies with the one that started it
-            if isinstance(served.adapter, AdaptationProcess):
-                await served.adapter.wait_ready()
+                await served.adapter.start()  # on this thread: an adaptation process dies with the one that started it
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])

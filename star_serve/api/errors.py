@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..adaptation.worker import CommitConflict
+from ..adaptation.errors import AdaptationUnavailable, CommitConflict, VersionNotKept
 from ..engine import EngineDraining, EngineOverloaded, RequestTooLong
 from ..metrics import ServingMetrics
 from .schemas import error_body
@@ -50,6 +50,18 @@ class Conflict(ApiError):
     status, type = 409, "conflict_error"
 
 
+# The engine's and the adaptation layer's errors: (status, OpenAI error type, the parameter at fault). A
+# 429 or 503 carries Retry-After: the error's own `retry_after`, or 1 s.
+DOMAIN_ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
+    RequestTooLong: (400, "invalid_request_error", "max_tokens"),
+    VersionNotKept: (404, "not_found_error", "version"),
+    CommitConflict: (409, "conflict_error", None),
+    EngineOverloaded: (429, "overloaded_error", None),
+    EngineDraining: (503, "unavailable_error", None),
+    AdaptationUnavailable: (503, "unavailable_error", None),
+}
+
+
 def _response(status: int, message: str, type_: str, param: str | None = None, **headers: str) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers or None)
 
@@ -78,27 +90,15 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
         counted(type_)
         return _response(exc.status_code, str(exc.detail), type_, **(exc.headers or {}))  # 405's Allow
 
-    @app.exception_handler(CommitConflict)
-    async def conflict(_: Request, exc: CommitConflict) -> JSONResponse:
-        counted("conflict_error")
-        return _response(409, f"{exc}; retry", "conflict_error")
+    async def domain_error(_: Request, exc: Exception) -> JSONResponse:
+        status, type_, param = next(v for k, v in DOMAIN_ERRORS.items() if isinstance(exc, k))
+        counted(type_)
+        retry = getattr(exc, "retry_after", 1.0 if status == 503 else None)
+        headers = {} if retry is None else {"Retry-After": str(max(1, round(retry)))}
+        return _response(status, str(exc), type_, param, **headers)
 
-    @app.exception_handler(RequestTooLong)
-    async def too_long(_: Request, exc: RequestTooLong) -> JSONResponse:
-        counted("invalid_request_error")
-        return _response(400, str(exc), "invalid_request_error", "max_tokens")
-
-    @app.exception_handler(EngineOverloaded)
-    async def overloaded(_: Request, exc: EngineOverloaded) -> JSONResponse:
-        counted("overloaded_error")
-        return _response(
-            429, str(exc), "overloaded_error", None, **{"Retry-After": str(max(1, round(exc.retry_after)))}
-        )
-
-    @app.exception_handler(EngineDraining)
-    async def draining(_: Request, exc: EngineDraining) -> JSONResponse:
-        counted("unavailable_error")
-        return _response(503, str(exc), "unavailable_error", None, **{"Retry-After": "1"})
+    for error in DOMAIN_ERRORS:
+        app.add_exception_handler(error, domain_error)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .auth import AdminPrincipal, CurrentPrincipal, State
-from .errors import NotFound
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -161,10 +160,7 @@ async def rollback_subspace(
 ) -> SubspaceState:
     """The bases of an earlier version, committed as a new version."""
     adapter = state.adapted(model)
-    try:
-        await adapter.rollback(principal.tenant, body.version)
-    except KeyError:
-        raise NotFound(f"version {body.version} is not kept for this tenant", "version") from None
+    await adapter.rollback(principal.tenant, body.version)
     return SubspaceState.model_validate(await adapter.describe(principal.tenant))
 
 

@@ -138,9 +138,7 @@ class GenerationCall:
 
     def _star(self, routing: list[list[list[int]]] | None = None) -> StarInfo:
         finals = [c.final for c in self.choices if c.final is not None]
-        version = max(
-            (f.subspace_version for f in finals), default=self.served.engine.bank.version(self.principal.tenant)
-        )
+        version = max((f.subspace_version for f in finals), default=self.served.bank.version(self.principal.tenant))
         return StarInfo(tenant=self.principal.tenant, subspace_version=version, routing=routing)
 
     def _usage(self) -> Usage:

@@ -8,10 +8,9 @@ from typing import Literal
 from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation import Adapter
+from ..adaptation import AdaptationHandle, TenantBank
 from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
-from ..engine.adaptation_process import AdaptationProcess
 from ..metrics import ServingMetrics
 from .errors import ApiError, NotFound
 from .tenants import TenantRegistry
@@ -22,9 +21,10 @@ class ServedModel:
     name: str
     task: Literal["generate", "classify"]
     engine: GenerationEngine | ClassificationEngine
+    bank: TenantBank
     tokenizer: PreTrainedTokenizerBase
     created: int
-    adapter: Adapter | AdaptationProcess | None = None
+    adapter: AdaptationHandle | None = None
 
 
 @dataclass
@@ -43,7 +43,7 @@ class AppState:
         for served in self.models.values():
             served.engine.draining = True
 
-    def adapted(self, name: str | None) -> Adapter | AdaptationProcess:
+    def adapted(self, name: str | None) -> AdaptationHandle:
         """The adapter of model `name`, which may be omitted when a single model is served."""
         if name is None:
             if len(self.models) != 1:

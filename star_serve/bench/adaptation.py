@@ -53,7 +53,7 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..adaptation import AdaptationConfig, Adapter, Guardrails, LocalDirStore, TenantBank
+from ..adaptation import AdaptationConfig, Adapter, Guardrails, LocalDirStore, Observer, TenantBank
 from ..engine import BatcherConfig, ClassificationEngine
 from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification, projection_distance
 from ..model.inputs import pad_right
@@ -296,9 +296,8 @@ async def _adapt_classifier(
     (product defaults); returns the bank with the versions committed by then."""
     bank = TenantBank(start, torch.device("cpu"), torch.float32, capacity=len(traffic) + 1, fold=model.router_gates)
     adapter = Adapter(store_dir.name, start, bank, LocalDirStore(store_dir), AdaptationConfig(mode="async"))
-    engine = ClassificationEngine(
-        model, tokenizer, bank, BatcherConfig(max_batch=32, max_waiting=4096), adapter=adapter
-    )
+    sink = Observer(adapter, model.config.num_local_experts)
+    engine = ClassificationEngine(model, tokenizer, bank, BatcherConfig(max_batch=32, max_waiting=4096), sink=sink)
     adapter.start()
     engine.start()
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation import Adapter, TenantBank
+from ..adaptation.bank import BatchRouter
+from ..adaptation.observer import ForwardSink
 from ..model import StarMoeForSequenceClassification
 from ..model.inputs import pad_right
 from .load import ExpertLoad
-from .observe import ForwardSink, observer_of, route
 from .types import ClassificationResult, EngineDraining, EngineOverloaded, EngineStats, StepStats
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,13 @@ class ClassificationEngine:
         self,
         model: StarMoeForSequenceClassification,
         tokenizer: PreTrainedTokenizerBase,
-        bank: TenantBank,
+        routing: BatchRouter,  # how each batch routes: the tenant bank, or sync mode's update of it
         config: BatcherConfig = BatcherConfig(),
         on_step: Callable[[StepStats], None] | None = None,
-        adapter: Adapter | None = None,
-        observer: ForwardSink | None = None,  # where forwards go for adaptation; default: an Observer of `adapter`
+        sink: ForwardSink | None = None,  # where each forward goes for adaptation, if anywhere
     ) -> None:
-        self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
-        self.on_step, self.adapter = on_step, adapter
-        self._observer = observer_of(adapter, observer, model.config.num_local_experts)
+        self.model, self.tokenizer, self.routing, self.config = model, tokenizer, routing, config
+        self.on_step, self._sink = on_step, sink
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.max_context = min(model.config.max_position_embeddings, config.max_input_tokens)
@@ -88,8 +86,8 @@ class ClassificationEngine:
         self._stopping = self.draining = True
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        if self._observer is not None:
-            self._observer.close()  # the last forwards' statistics reach the adapter
+        if self._sink is not None:
+            self._sink.close()  # the last forwards' statistics reach the adaptation
         while True:
             try:
                 item = self._pending.get_nowait()
@@ -142,21 +140,18 @@ class ClassificationEngine:
     def _run(self, batch: list[_Item]) -> list[ClassificationResult]:
         ids, mask = pad_right([item.ids for item in batch], self.tokenizer.pad_token_id or 0)
         tenants, lengths = [item.tenant for item in batch], [len(item.ids) for item in batch]
-        view, update = route(self.bank, self.adapter, tenants, lengths)
+        plan = self.routing.plan(tenants, lengths)
         out = self.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
-            router_bank=view.bank,
-            tenant_index=view.index,
-            router_gates=view.gates,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
-            router_update=update,
+            **plan.model_inputs(),
         )
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
         self.expert_load.add(out.expert_indices, mask)
-        if self._observer is not None:
-            self._observer.submit(tenants, lengths, view, out, update)
+        if self._sink is not None:
+            self._sink.submit(tenants, lengths, plan, out)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):
@@ -172,7 +167,7 @@ class ClassificationEngine:
                     label=self.labels[best],
                     score=float(probs[i, best]),
                     scores={label: float(p) for label, p in zip(self.labels, probs[i], strict=True)},
-                    subspace_version=view.versions[i],
+                    subspace_version=plan.versions[i],
                     routing=routing,
                     tokens=len(item.ids),
                 )

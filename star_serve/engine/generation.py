@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation import Adapter, TenantBank
+from ..adaptation.bank import BatchRouter
+from ..adaptation.observer import ForwardSink
 from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .load import ExpertLoad
-from .observe import ForwardSink, observer_of, route
 from .sampling import make_generator, sample
 from .types import (
     EngineDraining,
@@ -120,15 +120,13 @@ class GenerationEngine:
         self,
         model: StarMoeForCausalLM,
         tokenizer: PreTrainedTokenizerBase,
-        bank: TenantBank,
+        routing: BatchRouter,  # how each batch routes: the tenant bank, or sync mode's update of it
         config: EngineConfig = EngineConfig(),
         on_step: Callable[[StepStats], None] | None = None,
-        adapter: Adapter | None = None,
-        observer: ForwardSink | None = None,  # where forwards go for adaptation; default: an Observer of `adapter`
+        sink: ForwardSink | None = None,  # where each forward goes for adaptation, if anywhere
     ) -> None:
-        self.model, self.tokenizer, self.bank, self.config = model, tokenizer, bank, config
-        self.on_step, self.adapter = on_step, adapter
-        self._observer = observer_of(adapter, observer, model.config.num_local_experts)
+        self.model, self.tokenizer, self.routing, self.config = model, tokenizer, routing, config
+        self.on_step, self._sink = on_step, sink
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
@@ -156,8 +154,8 @@ class GenerationEngine:
             self._wakeup.notify()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
-        if self._observer is not None:
-            self._observer.close()  # the last forwards' statistics reach the adapter
+        if self._sink is not None:
+            self._sink.close()  # the last forwards' statistics reach the adaptation
 
     @property
     def alive(self) -> bool:
@@ -296,9 +294,9 @@ class GenerationEngine:
             real = torch.ones(len(batch), 1, dtype=torch.bool)
         tenants = [s.tenant for s in batch]
         lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]  # real tokens in this forward
-        view, update = route(self.bank, self.adapter, tenants, lengths)
+        plan = self.routing.plan(tenants, lengths)
         if prefill:
-            for s, version in zip(batch, view.versions, strict=True):
+            for s, version in zip(batch, plan.versions, strict=True):
                 s.version = version
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
@@ -308,11 +306,8 @@ class GenerationEngine:
             attention_mask=mask,
             cache=self.cache,
             use_cache=True,
-            router_bank=view.bank,
-            tenant_index=view.index,
-            router_gates=view.gates,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
-            router_update=update,
+            **plan.model_inputs(),
         )
         if self.on_step is not None:
             phase = "prefill" if prefill else "decode"
@@ -322,8 +317,8 @@ class GenerationEngine:
         self.expert_load.add(out.expert_indices, real)
         if any(s.return_routing for s in batch):
             self._count_routing(batch, out.expert_indices, lengths)
-        if self._observer is not None:
-            self._observer.submit(tenants, lengths, view, out, update)
+        if self._sink is not None:
+            self._sink.submit(tenants, lengths, plan, out)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from star_serve.adaptation import BankView, TenantBank
+from star_serve.adaptation import RoutingPlan, TenantBank
 from star_serve.model import StarMoeConfig, StarMoeForCausalLM
 
 CPU = torch.device("cpu")
@@ -235,7 +235,7 @@ def test_a_model_without_subspace_has_no_bank() -> None:
     with pytest.raises(ValueError):
         model.trained_bases()
     bank = TenantBank(None, CPU, torch.float32)
-    assert bank.lookup(["a", "b"]) == BankView(None, None, [0, 0], [0, 0])
+    assert bank.lookup(["a", "b"]) == RoutingPlan(None, None, [0, 0], [0, 0])
     with pytest.raises(ValueError, match="no GHA subspace"):
         bank.publish("a", _bases(1), version=1)
     assert bank.resident() == 0

@@ -4,6 +4,8 @@ tenants stay isolated, settings and state survive a kill -9, and reset and rollb
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,29 @@ def test_the_default_shadow_mode_versions_a_tenant_but_serves_the_trained_bases(
     again = _complete(server, "shadowed")
     assert again["star"]["subspace_version"] == 0  # what served it: the trained bases
     assert again["choices"] == first["choices"]
+
+
+def test_a_first_seen_tenant_while_the_adaptation_process_restarts_gets_200_or_503(launch: Launcher) -> None:
+    server = launch(env=ENV)
+    for pid in _adaptation_processes(server):
+        os.kill(pid, signal.SIGKILL)
+    body = {"model": LM_NAME, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    answers = [
+        server.http.post("/v1/completions", json=body, headers={"X-Tenant": "newcomer"}),
+        server.http.get("/v1/subspace", params={"model": LM_NAME}, headers={"X-Tenant": "newcomer-2"}),
+    ]
+    for answer in answers:
+        assert answer.status_code in (200, 503), answer.text  # never a 500
+        if answer.status_code == 503:
+            assert answer.headers["retry-after"] and answer.json()["error"]["type"] == "unavailable_error"
+    assert answers[0].status_code == 200  # serving goes on with the bases committed so far
+    wait_until(lambda: sum(map(_alive, _adaptation_processes(server))) == 2, 60, "the adaptation processes replaced")
+
+    def answering() -> bool:
+        params, headers = {"model": LM_NAME}, {"X-Tenant": "newcomer-2"}
+        return server.http.get("/v1/subspace", params=params, headers=headers).status_code == 200
+
+    wait_until(answering, 60, "the new adaptation process answering")
 
 
 def test_sync_mode_moves_the_tenants_row_with_its_own_batches(launch: Launcher) -> None:

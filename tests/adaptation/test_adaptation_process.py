@@ -15,9 +15,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from star_serve.adaptation import AdaptationConfig, CaptureConfig, LocalDirStore, TenantBank, capture, guarded_step
+from star_serve.adaptation import (
+    AdaptationConfig,
+    AdaptationProcess,
+    AdaptationUnavailable,
+    CaptureConfig,
+    LocalDirStore,
+    TenantBank,
+    VersionNotKept,
+    capture,
+    guarded_step,
+)
 from star_serve.adaptation.backends import Backends
-from star_serve.engine.adaptation_process import RING_TOKENS, AdaptationProcess, ProcessObserver, SharedRing
+from star_serve.adaptation.ring import RING_TOKENS, ProcessObserver, SharedRing
 from star_serve.model import orthonormalize
 
 L, E, D, K = 2, 4, 16, 1
@@ -43,9 +53,8 @@ def _run(tmp_path: Path, scenario: Callable[[AdaptationProcess, TenantBank], Awa
 
     async def run() -> None:
         process, bank = _process(tmp_path)
-        process.start()
+        await process.start()
         try:
-            await process.wait_ready()
             await scenario(process, bank)
         finally:
             await process.stop()
@@ -111,7 +120,7 @@ async def _calls_and_their_errors_cross_over(process: AdaptationProcess, bank: T
     await process.configure("a", True, 0.2)
     described = await process.describe("a")
     assert described["frozen"] is True and described["learning_rate"] == 0.2 and described["version"] == 0
-    with pytest.raises(KeyError):
+    with pytest.raises(VersionNotKept):
         await process.rollback("a", 5)
     assert await process.reset("a") == 1
     await _until(lambda: bank.version("a") == 1, "the reset's version in the bank")
@@ -145,12 +154,13 @@ async def _a_dead_adaptation_process_is_replaced(process: AdaptationProcess, ban
     out = _out(2, 1, 0)
     for _ in range(3):  # the engine's side neither blocks nor raises
         process.observer.submit(["a", "b"], [1, 1], bank.lookup(["a", "b"]), out)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(AdaptationUnavailable):
         await process.describe("a")
+    await process.ensure_loaded("a")  # a first request meanwhile is served with the cached bases
 
     await _until(lambda: process.restarts == 1, "a new adaptation process", timeout=30)
     await process.wait_ready()
     assert process.store_ok and process._process is not first
-    await process.ensure_loaded("a")
+    await process.ensure_loaded("a")  # loaded by the new process this time
     process.observer.submit(["a"], [TOKENS], bank.lookup(["a"]), _out(1, TOKENS, 3))  # a step's worth
     await _until(lambda: bank.version("a") == 1, "a version committed by the new process")

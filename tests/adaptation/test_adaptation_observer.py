@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank, capture
-from star_serve.engine.observe import Forward, Observer, merge_forwards
+from star_serve.adaptation.forwards import Forward, merge_forwards
+from star_serve.adaptation.observer import Observer
 from star_serve.model import orthonormalize
 
 L, E, D, K = 2, 4, 16, 2
