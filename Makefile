@@ -22,15 +22,25 @@ serve: setup
 demo: setup
 	$(BIN)/star-serve demo
 
+# The programs the suite runs for real (redis-server, prometheus, promtool), from Debian's packages.
+.PHONY: test-deps
+test-deps:
+	@scripts/install-test-deps
+
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
-test: setup
+test: setup test-deps
 	$(BIN)/python -m pytest -q || [ $$? -eq 5 ]
+
+# Unit tests only: no server process, nothing slow (about a minute).
+.PHONY: test-fast
+test-fast: setup
+	$(BIN)/python -m pytest -q -m 'not e2e and not slow and not chaos' || [ $$? -eq 5 ]
 
 bench: setup
 	$(BIN)/star-serve bench serving --out bench-results
 
 .PHONY: chaos
-chaos: setup
+chaos: setup test-deps
 	$(BIN)/python -m pytest -q -m chaos tests/e2e/test_e2e_chaos.py
 
 .PHONY: bench-adaptation

@@ -1,5 +1,6 @@
-"""Suite-wide fixtures and rules: tests marked `gpu` run only where CUDA is available; `redis_url` is a
-real redis-server started for the session."""
+"""Suite-wide fixtures and rules: every test under tests/e2e is marked `e2e` (it starts real server
+processes; `make test-fast` leaves them out); tests marked `gpu` run only where CUDA is available;
+`redis_url` is a real redis-server started for the session."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from star_serve.bench.report import free_port
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -141,6 +141,7 @@ def test_a_full_ring_drops_and_counts_without_blocking() -> None:
     reader.close()
 
 
+@pytest.mark.slow
 def test_a_dead_adaptation_process_is_replaced_and_serving_goes_on(tmp_path: Path) -> None:
     _run(tmp_path, _a_dead_adaptation_process_is_replaced)
 

@@ -179,6 +179,7 @@ def _small(tmp_path: Path, **overrides: Any) -> AdaptationBenchConfig:
     return AdaptationBenchConfig(tmp_path / "lm", tmp_path / "clf", tmp_path / "out", **{**fields, **overrides})
 
 
+@pytest.mark.slow
 def test_parts_a_and_b_end_to_end_on_tiny_models(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     cfg = _small(tmp_path)
     lm = _tiny_lm(tokenizer)

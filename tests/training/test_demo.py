@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from star_serve.training.demo import ensure_demo_models
 
 
+@pytest.mark.slow
 def test_demo_builds_once_then_reuses_the_cache(tmp_path: Path) -> None:
     env = {**os.environ, "STAR_CACHE_DIR": str(tmp_path), "STAR_DEMO_PRESET": "tiny"}
     done = subprocess.run(

@@ -76,6 +76,7 @@ def _run_cli(*args: str) -> dict:
     return json.loads(done.stdout[done.stdout.index("{") :])
 
 
+@pytest.mark.slow
 def test_cli_trains_a_loadable_lm(tmp_path: Path) -> None:
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
@@ -89,6 +90,7 @@ def test_cli_trains_a_loadable_lm(tmp_path: Path) -> None:
     assert model.config.router_type == "star"
 
 
+@pytest.mark.slow
 def test_cli_trains_a_classifier_with_labels(tmp_path: Path) -> None:
     data = tmp_path / "labelled.jsonl"
     rows = [{"text": d, "label": "even" if i % 2 == 0 else "odd"} for i, d in enumerate(DOCS)]
