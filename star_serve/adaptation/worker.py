@@ -40,9 +40,10 @@ from ..config import Settings
 from ..model.gha import orthogonality_defects, projection_distances
 from .bank import BasesSink, RoutingPlan
 from .bus import Delivery, LocalBus, StatisticsBatch, StatisticsBus
-from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, LayerStatistics, capture_one
+from .capture import CaptureConfig, CaptureCounts, ForwardStatistics, capture_one
 from .errors import CommitConflict, VersionNotKept
-from .guardrails import Guardrails, collapsed, guarded_step, load_entropies
+from .guardrails import Guardrails, collapsed, load_entropies
+from .owner import Committed, Decision, plan_step
 from .pending import PendingStatistics
 from .store import Snapshot, SnapshotStore
 from .sync import SyncTenant, SyncUpdate
@@ -581,9 +582,9 @@ class Adapter:
             await (self._commit_synced(tenant) if self.syncing else self.step(tenant))
 
     async def apply(self, tenant: str, batches: list[StatisticsBatch]) -> tuple[set[str], bool]:
-        """As the tenant's owner, folds `batches` into one guarded step and commits it together with their
-        ids. Returns the ids handled (applied, or dropped for a reason that will not change) and whether
-        a version was committed; a batch not handled is to be tried again."""
+        """As the tenant's owner, carries out `plan_step` on `batches`: one guarded step committed together
+        with their ids, or a rollback, or nothing. Returns the ids handled (applied, or dropped for a reason
+        that will not change) and whether a version was committed; a batch not handled is to be tried again."""
         async with self._steps[tenant]:
             state = await self.ensure_loaded(tenant)
             if not state.loaded:
@@ -592,57 +593,65 @@ class Adapter:
                 versions = await self.store.versions(self.model, tenant)
                 if versions:
                     await self._refresh(tenant, versions[-1])
-            ids = [b.id for b in batches]
-            handled = await self.store.applied(self.model, tenant, ids)
+            handled = await self.store.applied(self.model, tenant, [b.id for b in batches])
             self.stats.batches["duplicate"] += len(handled)
             todo = [b for b in batches if b.id not in handled]
             self._configured(tenant, state, await self.store.settings(self.model, tenant))
             with self._lock:
-                current = self.trained if state.bases is None else state.bases
-                version, lr, frozen = state.version, state.learning_rate, state.frozen
-                drifts = state.drifts or [0.0] * len(self.trained)
-            fresh = [b for b in todo if version - self.config.max_staleness <= b.version <= version]
-            dropped = [b for b in todo if b not in fresh]
-            self.stats.batches["stale"] += sum(b.version < version for b in dropped)
-            handled |= {b.id for b in dropped if b.version < version}
-            if not fresh:
-                return handled, False
-            if frozen:
-                self.stats.batches["frozen"] += len(fresh)
-                return handled | {b.id for b in fresh}, False
-            stats = _combined(version, fresh)
-            if self._collapsed(state, fresh):
+                committed = Committed(
+                    state.version,
+                    self.trained if state.bases is None else state.bases,
+                    state.learning_rate,
+                    state.frozen,
+                    state.drifts or [0.0] * len(self.trained),
+                    state.frozen_entropy,
+                )
+            decision = plan_step(
+                committed, todo, self.trained, self.config.guard, self.config.max_staleness, self.serving
+            )
+            self.stats.batches["stale"] += len(decision.dropped)
+            if decision.frozen_entropy is not None:
+                state.frozen_entropy = decision.frozen_entropy
+            if decision.action == "none":
+                return handled | decision.handled, False
+            if decision.action == "refuse":
+                log.info("%s/%s: %d batches refused: %s", self.model, tenant, len(decision.batches), decision.reason)
+                self.stats.rejected_steps += decision.report is not None
+                self.stats.batches["frozen" if decision.reason == "frozen" else "refused"] += len(decision.batches)
+                return handled | decision.handled, False
+            if decision.action == "rollback":
+                log.warning("%s/%s: %s; rolling back", self.model, tenant, decision.reason)
                 try:
                     await self._rollback(tenant, state, None)
                 except CommitConflict:
                     with self._lock:
                         state.loaded = False
                     return handled, False
-                self.stats.batches["refused"] += len(fresh)
-                return handled | {b.id for b in fresh}, False
-            new, report = guarded_step(self.trained, current, stats, lr, self.config.guard)
-            if not report.any_applied:
-                self.stats.rejected_steps += 1
-                self.stats.batches["refused"] += len(fresh)
-                return handled | {b.id for b in fresh}, False
-            snapshot = Snapshot(self.model, tenant, version + 1, new, meta=self._meta(state, learning_rate=repr(lr)))
-            if not await self.store.commit(snapshot, expected=version, applied=[b.id for b in fresh]):
-                self.stats.commits_lost += 1
-                with self._lock:
-                    state.loaded = False  # another writer moved ahead: reload before trying again
-                return handled, False
-            now = time.time()
-            # The step measured each layer's distance; a refused layer kept its basis, and its distance.
-            drifts = [d if ok else kept for d, ok, kept in zip(report.distances, report.applied, drifts, strict=True)]
+                self.stats.batches["refused"] += len(decision.batches)
+                return handled | decision.handled, False
+            return handled | await self._commit(tenant, state, decision), True
+
+    async def _commit(self, tenant: str, state: TenantState, decision: Decision) -> set[str]:
+        """Commits a decision's new version by compare-and-set; the ids handled (none when it lost)."""
+        assert decision.bases is not None
+        version = state.version
+        meta = self._meta(state, learning_rate=repr(state.learning_rate))
+        snapshot = Snapshot(self.model, tenant, version + 1, decision.bases, meta=meta)
+        if not await self.store.commit(snapshot, expected=version, applied=[b.id for b in decision.batches]):
+            self.stats.commits_lost += 1
             with self._lock:
-                self._adopt(tenant, state, snapshot, tokens=stats.tokens, drifts=drifts)
-                self.stats.steps += 1
-                self.stats.batches["applied"] += len(fresh)
-                self.stats.lags.extend(now - b.first_seen for b in fresh)
-            if self.on_commit is not None:
-                for b in fresh:
-                    self.on_commit(now - b.first_seen)
-            return handled | {b.id for b in fresh}, True
+                state.loaded = False  # another writer moved ahead: reload before trying again
+            return set()
+        now = time.time()
+        with self._lock:
+            self._adopt(tenant, state, snapshot, tokens=decision.tokens, drifts=decision.drifts)
+            self.stats.steps += 1
+            self.stats.batches["applied"] += len(decision.batches)
+            self.stats.lags.extend(now - b.first_seen for b in decision.batches)
+        if self.on_commit is not None:
+            for b in decision.batches:
+                self.on_commit(now - b.first_seen)
+        return decision.handled
 
     def _adopt(
         self,
@@ -662,18 +671,6 @@ class Adapter:
             self.pending.discard(tenant)
         if publish and self.serving:
             self.bank.publish(tenant, snapshot.bases, snapshot.version)
-
-    def _collapsed(self, state: TenantState, batches: list[StatisticsBatch]) -> bool:
-        """Whether the batches' expert load has collapsed against the tenant's frozen routing, which the
-        batches served with the trained bases (version 0) measure the first time. In shadow mode every
-        tenant is served the trained bases: nothing adapted routes, so nothing can collapse."""
-        if self.config.mode == "shadow":
-            return False
-        frozen = [b.load for b in batches if b.version == 0]
-        if state.frozen_entropy is None and frozen:
-            state.frozen_entropy = load_entropies(torch.stack(frozen).sum(0)).tolist()
-        adapted = [b.load for b in batches if b.version > 0]
-        return bool(adapted) and collapsed(torch.stack(adapted).sum(0), state.frozen_entropy, self.config.guard)
 
     @staticmethod
     def _meta(state: TenantState, **meta: str) -> dict[str, str]:
@@ -766,8 +763,3 @@ class Adapter:
     async def reset(self, tenant: str) -> int:
         return await self.rollback(tenant, 0)
 
-
-def _combined(version: int, batches: list[StatisticsBatch]) -> LayerStatistics:
-    """The batches' statistics summed layer by layer, counted as taken against `version`."""
-    per_batch = [b.stats.layers for b in batches]
-    return LayerStatistics(version, [sum(layer[1:], layer[0]) for layer in zip(*per_batch, strict=True)])
