@@ -102,7 +102,8 @@ class _AdaptationCollector(Collector):
         steps = CounterMetricFamily("star_adaptation_steps", "GHA steps committed.", labels=["model"])
         batches = CounterMetricFamily(
             "star_adaptation_batches",
-            "Statistics batches: published by this replica; as owner applied, duplicate, stale, frozen or refused.",
+            "Statistics batches: published by this replica, dropped for want of room on the bus; "
+            "as owner applied, duplicate, stale, frozen or refused.",
             labels=["model", "outcome"],
         )
         tokens = CounterMetricFamily(
@@ -114,6 +115,14 @@ class _AdaptationCollector(Collector):
             "star_snapshot_writes",
             "Snapshot commits: ok, conflict (lost the compare-and-set).",
             labels=["model", "outcome"],
+        )
+        refused_steps = CounterMetricFamily(
+            "star_adaptation_refused_steps", "GHA steps the guardrails refused.", labels=["model"]
+        )
+        stale_captures = CounterMetricFamily(
+            "star_adaptation_stale_captures",
+            "Captures taken against a version that a commit replaced meanwhile, not counted.",
+            labels=["model"],
         )
         rollbacks = CounterMetricFamily("star_adaptation_rollbacks", "Rollbacks and resets.", labels=["model"])
         store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
@@ -134,6 +143,9 @@ class _AdaptationCollector(Collector):
             steps.add_metric([name], stats.steps)
             for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused"):
                 batches.add_metric([name, outcome], stats.batches[outcome])
+            batches.add_metric([name, "dropped"], report.bus_dropped)
+            refused_steps.add_metric([name], stats.refused_steps)
+            stale_captures.add_metric([name], stats.stale_captures)
             for outcome in ("sampled", "clipped", "rejected"):
                 tokens.add_metric([name, outcome], getattr(stats.captured, outcome))
             tokens.add_metric([name, "dropped"], stats.captured.dropped + report.dropped_tokens)
@@ -146,7 +158,19 @@ class _AdaptationCollector(Collector):
                 drift.add_metric([name, health.tenant], health.drift)
                 if health.explained is not None:
                     explained.add_metric([name, health.tenant], health.explained)
-        yield from (steps, batches, tokens, writes, rollbacks, store_errors, store_up, drift, explained)
+        yield from (
+            steps,
+            batches,
+            refused_steps,
+            stale_captures,
+            tokens,
+            writes,
+            rollbacks,
+            store_errors,
+            store_up,
+            drift,
+            explained,
+        )
 
 
 class _EngineCollector(Collector):

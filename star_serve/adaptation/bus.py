@@ -83,6 +83,8 @@ class Delivery:
 
 
 class StatisticsBus(Protocol):
+    dropped: int  # batches published but dropped for want of room, as far as this process can tell
+
     async def publish(self, batch: StatisticsBatch) -> None: ...
 
     async def receive(self, timeout: float) -> list[Delivery]:
@@ -161,6 +163,7 @@ class RedisStatisticsBus:
         self.replica = replica or uuid.uuid4().hex[:12]
         self.lease_ttl, self.max_entries = lease_ttl, max_entries
         self.owned: set[int] = set()
+        self.dropped = 0  # streams are trimmed to about `max_entries` by Redis itself, unseen from here
         self._renew = redis.register_script(_RENEW)
 
     def stream(self, partition: int) -> str:

@@ -96,7 +96,7 @@ class AdaptationProcess:
         self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[Any]]] = {}
         self._ids = itertools.count()
         self._reports: dict[int, threading.Event] = {}
-        self._report = AdaptationReport(AdaptationStats(), 0, True, [])
+        self._report = AdaptationReport(AdaptationStats(), 0, 0, True, [])
         self._ready = threading.Event()
         self._stopping = False
         self._loaded: set[str] = set()

@@ -116,8 +116,8 @@ class TenantHealth:
 @dataclass
 class AdaptationStats:
     steps: int = 0
-    rejected_steps: int = 0
-    stale: int = 0  # captures taken against a version replaced in the meantime
+    refused_steps: int = 0  # steps the guardrails refused (async: one per batch; sync: per layer and forward)
+    stale_captures: int = 0  # captures taken against a version replaced in the meantime, not counted
     commits_lost: int = 0  # compare-and-set lost to another writer
     store_errors: int = 0
     rollbacks: int = 0
@@ -135,6 +135,7 @@ class AdaptationReport:
 
     stats: AdaptationStats
     dropped_tokens: int
+    bus_dropped: int  # batches the statistics bus had no room for
     store_ok: bool
     health: list[TenantHealth]
 
@@ -186,7 +187,7 @@ class Adapter:
             if self.config.mode == "shadow":
                 return state.version
             if served != state.version:
-                self.stats.stale += 1
+                self.stats.stale_captures += 1
                 if state.bases is not None and served == 0:  # evicted from the bank: bring it back
                     self.bank.publish(tenant, state.bases, state.version)
                 return None
@@ -219,10 +220,10 @@ class Adapter:
                 state = self._state(tenant)
                 self.stats.captured += stats.counts[g]
                 if stats.versions[g] != state.version or state.frozen:  # a commit or a freeze landed meanwhile
-                    self.stats.stale += stats.versions[g] != state.version
+                    self.stats.stale_captures += stats.versions[g] != state.version
                     continue
                 if self.pending.version(tenant) not in (None, stats.versions[g]):  # of a replaced basis
-                    self.stats.stale += 1
+                    self.stats.stale_captures += 1
                     self.pending.discard(tenant)
                 names.append(tenant)
                 taken.append(g)
@@ -289,7 +290,7 @@ class Adapter:
             state = self._state(tenant)
             if update is not None and tenant == next(iter(update.tenants), None):  # once per forward
                 self.stats.captured += update.counts
-                self.stats.rejected_steps += sum(update.refused.values())
+                self.stats.refused_steps += sum(update.refused.values())
             if version != state.version and version == 0 and state.bases is not None:
                 self.bank.publish(tenant, state.bases, state.version)  # evicted from the bank: bring it back
                 return
@@ -344,7 +345,7 @@ class Adapter:
         if batch.version != state.version or not self.pending.put_back(
             batch.tenant, batch.stats, batch.load, batch.first_seen
         ):
-            self.stats.stale += 1
+            self.stats.stale_captures += 1
 
     async def _publish(self, tenant: str) -> None:
         with self._lock:
@@ -616,7 +617,7 @@ class Adapter:
                 return handled | decision.handled, False
             if decision.action == "refuse":
                 log.info("%s/%s: %d batches refused: %s", self.model, tenant, len(decision.batches), decision.reason)
-                self.stats.rejected_steps += decision.report is not None
+                self.stats.refused_steps += decision.report is not None
                 self.stats.batches["frozen" if decision.reason == "frozen" else "refused"] += len(decision.batches)
                 return handled | decision.handled, False
             if decision.action == "rollback":
@@ -701,7 +702,9 @@ class Adapter:
 
     def report(self, top: int) -> AdaptationReport:
         """The counters and health that the metrics export (`top` tenants by traffic, then "other")."""
-        return AdaptationReport(self.stats, self.pending.dropped_tokens, self.store_ok, self.health(top))
+        return AdaptationReport(
+            self.stats, self.pending.dropped_tokens, self.bus.dropped, self.store_ok, self.health(top)
+        )
 
     # -- API ---------------------------------------------------------------------------------------
 
@@ -762,4 +765,3 @@ class Adapter:
 
     async def reset(self, tenant: str) -> int:
         return await self.rollback(tenant, 0)
-

@@ -10,9 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, Guardrails, LocalDirStore, TenantBank
 from star_serve.adaptation.bus import LocalBus, StatisticsBatch
+from star_serve.adaptation.capture import capture
+from star_serve.metrics import ServingMetrics
 from star_serve.model import orthonormalize, projection_distances
 
 L, E, D = 2, 4, 16
@@ -53,9 +57,37 @@ def test_statistics_make_a_committed_published_version(tmp_path: Path) -> None:
         assert stored is not None and torch.equal(stored.bases, adapter.tenants["acme"].bases)
 
         _observe(adapter, 0)  # taken against version 0, which is no longer the tenant's
-        assert adapter.stats.stale == 1 and "acme" not in adapter.pending
+        assert adapter.stats.stale_captures == 1 and "acme" not in adapter.pending
 
     asyncio.run(scenario())
+
+
+def test_the_counters_reach_the_metrics(tmp_path: Path) -> None:
+    bus = LocalBus(capacity=1)
+    adapter, _ = _adapter(tmp_path, bus=bus)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        _observe(adapter, 0)
+        assert await adapter.step("acme")
+        _observe(adapter, 0)  # stale
+        stats = capture(adapter.trained, [torch.randn(8, D) for _ in range(L)], 1, CaptureConfig(max_token_norm=1e9))
+        for _ in range(2):  # the second pushes the first out of the full bus
+            await bus.publish(StatisticsBatch("acme", stats, torch.ones(L, E), first_seen=time.time()))
+
+    asyncio.run(scenario())
+    metrics = ServingMetrics(CollectorRegistry())
+    metrics.watch_adapters(lambda: [("lm", adapter)], top_tenants=10)
+    samples = {
+        (s.name, s.labels.get("outcome")): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+        if s.labels.get("model") == "lm"
+    }
+    assert samples[("star_adaptation_batches_total", "dropped")] == 1
+    assert samples[("star_adaptation_stale_captures_total", None)] == 1
+    assert samples[("star_adaptation_steps_total", None)] == 1
+    assert samples[("star_adaptation_refused_steps_total", None)] == adapter.stats.refused_steps == 0
 
 
 def test_an_expert_load_collapse_rolls_back(tmp_path: Path) -> None:
@@ -132,7 +164,7 @@ def test_shadow_mode_commits_versions_but_serves_the_trained_bases(tmp_path: Pat
             _observe(adapter, 0)  # always served by the trained bases, always counted against the latest version
             assert await adapter.step("acme")
             assert adapter.tenants["acme"].version == version
-        assert adapter.stats.stale == 0 and adapter.stats.rollbacks == 0
+        assert adapter.stats.stale_captures == 0 and adapter.stats.rollbacks == 0
         moved = adapter.tenants["acme"].bases
         assert moved is not None and (moved - adapter.trained).abs().max() > 1e-4
         view = bank.lookup(["acme"])
