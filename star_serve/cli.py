@@ -63,6 +63,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(result.summary, indent=2))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from .training.calibrate import CalibrationConfig
+    from .training.trainer import calibrate_checkpoint
+
+    train, heldout = _split(_read_records(args.data), args.eval_data)
+    config = CalibrationConfig(**_given(args, "tolerance", "rounds", "finetune_steps"))
+    result = calibrate_checkpoint(
+        args.model, train, heldout, args.out, config, args.seq_len, args.batch_size, args.seed
+    )
+    print(json.dumps(result.summary, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     import torch
     from transformers.utils import logging as hf_logging
@@ -118,6 +130,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "adaptation":
         cmd_bench_adaptation(args, settings)
         return
+    if args.name == "calibration":
+        cmd_bench_calibration(args, settings)
+        return
     if args.model is None:
         from .training.demo import ensure_demo_models
 
@@ -150,6 +165,19 @@ def cmd_bench_adaptation(args: argparse.Namespace, settings: Settings) -> None:
     print((args.out / "adaptation.md").read_text())
 
 
+def cmd_bench_calibration(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.calibration import CalibrationBenchConfig, run_calibration_bench
+
+    if args.model is None:
+        from .training.demo import ensure_demo_models
+
+        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    given = _given(args, "learning_rates")
+    config = CalibrationBenchConfig(models=(args.model, *(args.compare or ())), out_dir=args.out, **given)
+    run_calibration_bench(config)
+    print((args.out / "calibration.md").read_text())
+
+
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named options that were given on the command line (lists as tuples); the rest keep their defaults."""
     values = {name: getattr(args, name) for name in names}
@@ -171,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokenizer", type=Path, help="reuse this tokenizer directory instead of training one")
     train.add_argument("--seed", type=int, default=0)
 
+    calibrate = sub.add_parser(
+        "calibrate", help="move a checkpoint's GHA bases to their fixed point on its data, then fine-tune to them"
+    )
+    calibrate.add_argument("--model", type=Path, required=True, help="star_moe checkpoint directory (LM or classifier)")
+    calibrate.add_argument("--data", type=Path, required=True, help=".jsonl of {text[, label]} or a .txt file")
+    calibrate.add_argument("--eval-data", type=Path, help="held-out data (default: a stable 5%% of --data)")
+    calibrate.add_argument("--out", type=Path, required=True, help="output directory")
+    calibrate.add_argument("--tolerance", type=float, help="projection distance between passes to stop at (0.01)")
+    calibrate.add_argument("--rounds", type=int, help="solve + fine-tune rounds (default: 2; 0: bases only)")
+    calibrate.add_argument("--finetune-steps", type=int, help="fine-tuning steps per round (default: 150)")
+    calibrate.add_argument("--seq-len", type=int, default=128)
+    calibrate.add_argument("--batch-size", type=int, default=16)
+    calibrate.add_argument("--seed", type=int, default=0)
+
     serve = sub.add_parser(
         "serve", parents=[common], help="serve models over HTTP (the demo models when no --model is given)"
     )
@@ -183,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
-    bench.add_argument("name", choices=("serving", "adaptation"))
+    bench.add_argument("name", choices=("serving", "adaptation", "calibration"))
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
+    bench.add_argument(
+        "--compare", type=Path, action="append", help="calibration: another checkpoint, measured side by side"
+    )
+    bench.add_argument(
+        "--learning-rates", type=float, nargs="+", help="calibration: the tenant learning rates to measure"
+    )
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--requests", type=int, help="requests per run (default: serving 32, adaptation 128)")
     bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64)")
@@ -215,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        cmd_train(args)
+    if args.command in ("train", "calibrate"):
+        {"train": cmd_train, "calibrate": cmd_calibrate}[args.command](args)
         return
     overrides = {k: getattr(args, k, None) for k in ("device", "dtype", "host", "port", "models")}
     settings = Settings.load(args.config, **overrides)

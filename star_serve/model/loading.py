@@ -34,7 +34,17 @@ def load_model(
 ) -> tuple[StarMoePreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a `star_moe` checkpoint directory for `task` ("generate" or "classify"), in eval mode."""
     auto = {"generate": AutoModelForCausalLM, "classify": AutoModelForSequenceClassification}[task]
-    model = auto.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    require_model_dir(path)
+    model = auto.from_pretrained(str(path), dtype=dtype, local_files_only=True).to(device).eval()
     if not isinstance(model, StarMoePreTrainedModel):
         raise ValueError(f"{path} is a {type(model).__name__}, not a star_moe model")
-    return model, AutoTokenizer.from_pretrained(str(path))
+    return model, AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def require_model_dir(path: str | Path) -> Path:
+    """`path` as a checkpoint directory on this machine: a name that is not one is an error here, never a
+    download from a hub."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json there)")
+    return path

@@ -1,7 +1,8 @@
 """The embedded demo models: a causal LM and a text classifier trained offline from Python's own stdlib.
 
 The LM learns the standard library's docstrings and help texts; the classifier fine-tunes the LM's
-backbone to tell which module family a docstring paragraph comes from.
+backbone to tell which module family a docstring paragraph comes from. Both end calibrated: their GHA bases
+at the fixed point of their training data (`calibrate.py`).
 
 Built once by the project's recipe (a few minutes on 2 CPU cores), cached on disk and reused. A file lock
 makes concurrent callers wait for one build instead of training twice.
@@ -18,11 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .calibrate import CalibrationConfig
 from .corpus import classifier_dataset, lm_corpus
 from .presets import Preset, get_preset
 from .trainer import SUMMARY, train_classifier, train_lm
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: training ends with a calibration phase
 DEMO_LM = "star-demo-lm"
 DEMO_CLASSIFIER = "star-demo-classifier"
 
@@ -55,14 +57,26 @@ def ensure_demo_models(cache_dir: Path, preset_name: str = "demo", progress: boo
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (models.lm_dir / SUMMARY).exists():
             train_docs, eval_docs = lm_corpus()
-            _build(models.lm_dir, lambda out: train_lm(train_docs, eval_docs, out, preset, progress=progress))
+            _build(
+                models.lm_dir,
+                lambda out: train_lm(
+                    train_docs, eval_docs, out, preset, progress=progress, calibration=CalibrationConfig()
+                ),
+            )
         if not (models.classifier_dir / SUMMARY).exists():
             train, heldout, labels = classifier_dataset()
             finetune = replace(preset, steps=preset.steps // 2)
             _build(
                 models.classifier_dir,
                 lambda out: train_classifier(
-                    train, heldout, labels, out, finetune, progress=progress, init_from=models.lm_dir
+                    train,
+                    heldout,
+                    labels,
+                    out,
+                    finetune,
+                    progress=progress,
+                    init_from=models.lm_dir,
+                    calibration=CalibrationConfig(),  # fine-tuning moves the bases off the LM's fixed point
                 ),
             )
     return models

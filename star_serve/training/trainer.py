@@ -28,6 +28,8 @@ from ..model import (
     StarMoePreTrainedModel,
 )
 from ..model.inputs import pad_right
+from ..model.loading import require_model_dir
+from .calibrate import CalibrationConfig, calibrate
 from .presets import Preset
 from .tokenizer import train_tokenizer
 
@@ -150,11 +152,60 @@ def _token_stream(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -> to
     return torch.tensor([t for doc in ids for t in (*doc, eos)], dtype=torch.long)
 
 
+def lm_sampler(stream: torch.Tensor, seq_len: int, batch_size: int) -> Callable[[torch.Generator], Batch]:
+    """Draws batches of random windows of `stream` as next-token training batches."""
+
+    def next_batch(generator: torch.Generator) -> Batch:
+        starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=generator)
+        ids = torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+        return {"input_ids": ids, "labels": ids}
+
+    return next_batch
+
+
+def lm_passes(stream: torch.Tensor, seq_len: int, batch_size: int, tokens: int) -> list[Batch]:
+    """Evenly spaced windows of `stream`, about `tokens` tokens in all, batched: one calibration pass."""
+    count = max(1, min(tokens, len(stream) - seq_len) // seq_len)
+    starts = torch.linspace(0, len(stream) - seq_len, count).long().tolist()
+    windows = torch.stack([stream[s : s + seq_len] for s in starts])
+    return [{"input_ids": chunk} for chunk in windows.split(batch_size)]
+
+
+def classifier_sampler(
+    ids: Sequence[list[int]], labels: torch.Tensor, pad_id: int, batch_size: int
+) -> Callable[[torch.Generator], Batch]:
+    """Draws padded batches of labelled examples."""
+
+    def next_batch(generator: torch.Generator) -> Batch:
+        picks = torch.randint(0, len(ids), (batch_size,), generator=generator).tolist()
+        batch, mask = pad_right([ids[i] for i in picks], pad_id)
+        return {"input_ids": batch, "attention_mask": mask, "labels": labels[picks]}
+
+    return next_batch
+
+
+def classifier_passes(ids: Sequence[list[int]], pad_id: int, batch_size: int, tokens: int) -> list[Batch]:
+    """The first examples, about `tokens` tokens in all, as padded batches: one calibration pass."""
+    taken, count = [], 0
+    for example in ids:
+        if count >= tokens:
+            break
+        taken.append(example)
+        count += len(example)
+    batches = []
+    for start in range(0, len(taken), batch_size):
+        batch, mask = pad_right(taken[start : start + batch_size], pad_id)
+        batches.append({"input_ids": batch, "attention_mask": mask})
+    return batches
+
+
 @torch.no_grad()
 def _heldout_lm_loss(
     model: StarMoeForCausalLM, stream: torch.Tensor, seq_len: int, max_tokens: int
 ) -> tuple[float, torch.Tensor]:
     """Mean next-token cross entropy (nats) over non-overlapping windows, and the targets it scored."""
+    if len(stream) < seq_len:
+        raise ValueError(f"held-out data has {len(stream)} tokens, fewer than one sequence of {seq_len}")
     n_windows = max(1, min(len(stream) // seq_len, max_tokens // seq_len))
     windows = stream[: n_windows * seq_len].view(n_windows, seq_len)
     total, targets = 0.0, []
@@ -183,8 +234,10 @@ def train_lm(
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
     progress: bool = True,
+    calibration: CalibrationConfig | None = None,
 ) -> TrainResult:
-    """Trains a STAR MoE causal LM on documents; reports held-out loss against a unigram baseline."""
+    """Trains a STAR MoE causal LM on documents; reports held-out loss against a unigram baseline. With
+    `calibration`, training ends with a calibration phase (`calibrate.py`), measured before and after."""
     torch.manual_seed(seed)
     tokenizer = tokenizer or train_tokenizer(train_docs, preset.vocab_size, model_max_length=preset.seq_len * 4)
     train_stream = _token_stream(tokenizer, train_docs)
@@ -192,14 +245,15 @@ def train_lm(
     if len(train_stream) <= preset.seq_len:
         raise ValueError(f"training data has {len(train_stream)} tokens, fewer than one sequence of {preset.seq_len}")
     model = StarMoeForCausalLM(_build_config(preset, tokenizer))
-
-    def next_batch(generator: torch.Generator) -> Batch:
-        starts = torch.randint(0, len(train_stream) - preset.seq_len, (preset.batch_size,), generator=generator)
-        ids = torch.stack([train_stream[s : s + preset.seq_len] for s in starts.tolist()])
-        return {"input_ids": ids, "labels": ids}
+    next_batch = lm_sampler(train_stream, preset.seq_len, preset.batch_size)
 
     summary: dict[str, Any] = {"task": "lm", "preset": preset.name, "seed": seed}
     summary |= fit(model, next_batch, preset, out_dir, seed, f"train lm ({preset.name})", progress)
+    if calibration is not None:
+        uncalibrated, _ = _heldout_lm_loss(model, eval_stream, preset.seq_len, preset.eval_tokens)
+        summary["uncalibrated_heldout_loss"] = uncalibrated
+        passes = lm_passes(train_stream, preset.seq_len, preset.batch_size, calibration.pass_tokens)
+        summary["calibration"] = calibrate(model, passes, next_batch, preset, calibration, seed, progress)
     heldout, targets = _heldout_lm_loss(model, eval_stream, preset.seq_len, preset.eval_tokens)
     summary |= {
         "train_tokens": len(train_stream),
@@ -208,6 +262,17 @@ def train_lm(
         "unigram_heldout_loss": unigram_cross_entropy(train_stream, targets, len(tokenizer)),
     }
     return _finish(model, tokenizer, out_dir, summary)
+
+
+@torch.no_grad()
+def _accuracy(
+    model: StarMoeForSequenceClassification, ids: Sequence[list[int]], labels: torch.Tensor, pad_id: int
+) -> float:
+    predictions = []
+    for start in range(0, len(ids), 64):
+        batch, mask = pad_right(list(ids[start : start + 64]), pad_id)
+        predictions.append(model(input_ids=batch, attention_mask=mask).logits.argmax(-1))
+    return (torch.cat(predictions) == labels).float().mean().item()
 
 
 def train_classifier(
@@ -220,11 +285,13 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     init_from: Path | None = None,
+    calibration: CalibrationConfig | None = None,
 ) -> TrainResult:
     """Trains a STAR MoE sequence classifier; reports held-out accuracy against the majority class.
 
     With `init_from` (a causal-LM checkpoint), the classifier starts from that model's backbone and
     tokenizer and only its head is new: fine-tuning a pretrained LM rather than training from scratch.
+    With `calibration`, training ends with a calibration phase (`calibrate.py`).
     """
     torch.manual_seed(seed)
     labels = {
@@ -249,11 +316,7 @@ def train_classifier(
     train_ids, train_labels = encode(train_examples)
     eval_ids, eval_labels = encode(eval_examples)
 
-    def next_batch(generator: torch.Generator) -> Batch:
-        picks = torch.randint(0, len(train_ids), (preset.batch_size,), generator=generator).tolist()
-        ids, mask = pad_right([train_ids[i] for i in picks], tokenizer.pad_token_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": train_labels[picks]}
-
+    next_batch = classifier_sampler(train_ids, train_labels, tokenizer.pad_token_id, preset.batch_size)
     summary: dict[str, Any] = {
         "task": "classifier",
         "preset": preset.name,
@@ -261,17 +324,83 @@ def train_classifier(
         "labels": list(label_names),
     }
     summary |= fit(model, next_batch, preset, out_dir, seed, f"train classifier ({preset.name})", progress)
-    predictions = []
-    with torch.no_grad():
-        for start in range(0, len(eval_ids), 64):
-            ids, mask = pad_right(eval_ids[start : start + 64], tokenizer.pad_token_id)
-            predictions.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1))
-    accuracy = (torch.cat(predictions) == eval_labels).float().mean().item()
+    if calibration is not None:
+        summary["uncalibrated_heldout_accuracy"] = _accuracy(model, eval_ids, eval_labels, tokenizer.pad_token_id)
+        passes = classifier_passes(train_ids, tokenizer.pad_token_id, preset.batch_size, calibration.pass_tokens)
+        summary["calibration"] = calibrate(model, passes, next_batch, preset, calibration, seed, progress)
+    accuracy = _accuracy(model, eval_ids, eval_labels, tokenizer.pad_token_id)
     majority_label, _ = Counter(train_labels.tolist()).most_common(1)[0]
     summary |= {
         "train_examples": len(train_ids),
         "heldout_examples": len(eval_ids),
         "heldout_accuracy": accuracy,
         "majority_baseline_accuracy": (eval_labels == majority_label).float().mean().item(),
+    }
+    return _finish(model, tokenizer, out_dir, summary)
+
+
+def calibrate_checkpoint(
+    model_dir: Path,
+    train_records: Sequence[dict[str, Any]],
+    eval_records: Sequence[dict[str, Any]],
+    out_dir: Path,
+    calibration: CalibrationConfig | None = None,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Calibrates an existing checkpoint (a causal LM on `{text}` records, a classifier on `{text, label}`
+    records with the checkpoint's labels) and writes it to `out_dir`, measured before and after."""
+    calibration = calibration or CalibrationConfig()
+    torch.manual_seed(seed)
+    config = StarMoeConfig.from_pretrained(require_model_dir(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    seq_len = min(seq_len, config.max_position_embeddings)
+    preset = Preset("calibrate", seq_len=seq_len, batch_size=batch_size)
+    classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
+    summary: dict[str, Any] = {"task": "calibrate", "model": str(model_dir), "seed": seed}
+    if not classifier:
+        lm = StarMoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        train_stream = _token_stream(tokenizer, [r["text"] for r in train_records])
+        eval_stream = _token_stream(tokenizer, [r["text"] for r in eval_records])
+        if len(train_stream) <= seq_len:
+            raise ValueError(f"calibration data has {len(train_stream)} tokens, fewer than one sequence of {seq_len}")
+        before, _ = _heldout_lm_loss(lm, eval_stream, seq_len, preset.eval_tokens)
+        passes = lm_passes(train_stream, seq_len, batch_size, calibration.pass_tokens)
+        summary["calibration"] = calibrate(
+            lm, passes, lm_sampler(train_stream, seq_len, batch_size), preset, calibration, seed, progress
+        )
+        after, _ = _heldout_lm_loss(lm, eval_stream, seq_len, preset.eval_tokens)
+        summary |= {"uncalibrated_heldout_loss": before, "heldout_loss": after}
+        return _finish(lm, tokenizer, out_dir, summary)
+
+    model = StarMoeForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+    label2id = model.config.label2id
+
+    def encode(records: Sequence[dict[str, Any]]) -> tuple[list[list[int]], torch.Tensor]:
+        unknown = {str(r["label"]) for r in records} - label2id.keys()
+        if unknown:
+            raise ValueError(f"labels not among the checkpoint's ({sorted(label2id)}): {sorted(unknown)}")
+        ids = tokenizer([r["text"] for r in records], add_special_tokens=False, truncation=True, max_length=seq_len)
+        return ids["input_ids"], torch.tensor([label2id[str(r["label"])] for r in records], dtype=torch.long)
+
+    train_ids, train_labels = encode(train_records)
+    eval_ids, eval_labels = encode(eval_records)
+    pad_id = tokenizer.pad_token_id
+    before = _accuracy(model, eval_ids, eval_labels, pad_id)
+    passes = classifier_passes(train_ids, pad_id, batch_size, calibration.pass_tokens)
+    summary["calibration"] = calibrate(
+        model,
+        passes,
+        classifier_sampler(train_ids, train_labels, pad_id, batch_size),
+        preset,
+        calibration,
+        seed,
+        progress,
+    )
+    summary |= {
+        "uncalibrated_heldout_accuracy": before,
+        "heldout_accuracy": _accuracy(model, eval_ids, eval_labels, pad_id),
     }
     return _finish(model, tokenizer, out_dir, summary)
