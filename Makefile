@@ -43,6 +43,10 @@ bench: setup
 chaos: setup test-deps
 	$(BIN)/python -m pytest -q -m chaos tests/e2e/test_e2e_chaos.py
 
+.PHONY: bench-calibration
+bench-calibration: setup
+	$(BIN)/star-serve bench calibration --out bench-results
+
 .PHONY: bench-adaptation
 bench-adaptation: setup
 	$(BIN)/star-serve bench adaptation --out bench-results

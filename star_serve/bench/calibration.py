@@ -149,7 +149,7 @@ def run_calibration_bench(cfg: CalibrationBenchConfig, log: Callable[[str], None
     from ..training.corpus import lm_corpus
 
     results: dict[str, Any] = {
-        "config": {k: [p.name for p in v] if k == "models" else v for k, v in cfg.__dict__.items() if k != "out_dir"},
+        "config": {k: [_name(p) for p in v] if k == "models" else v for k, v in cfg.__dict__.items() if k != "out_dir"},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": "cpu"},
         "runs": [],
     }
@@ -163,7 +163,7 @@ def run_calibration_bench(cfg: CalibrationBenchConfig, log: Callable[[str], None
             assert isinstance(model, StarMoeForCausalLM)
             evaluation, slice_ = _windows(tokenizer, heldout, cfg.seq_len, (cfg.eval_tokens, cfg.repeated_tokens))
             (fresh,) = _windows(tokenizer, train_docs, cfg.seq_len, (cfg.traffic_tokens,))
-            name = f"{model_dir.resolve().parent.name}/{model_dir.name}"
+            name = _name(model_dir)
             for kind in cfg.traffic:
                 if kind == "repeated":
                     traffic, own = slice_.repeat(-(-cfg.traffic_tokens // slice_.numel()), 1), slice_
@@ -185,6 +185,11 @@ def run_calibration_bench(cfg: CalibrationBenchConfig, log: Callable[[str], None
                     )
     write_report(cfg.out_dir, "calibration", results, _table(results), None)
     return results
+
+
+def _name(model_dir: Path) -> str:
+    """A checkpoint's name in a report: its directory and the one above (no machine's paths)."""
+    return f"{model_dir.resolve().parent.name}/{model_dir.name}"
 
 
 def _table(results: dict[str, Any]) -> str:
