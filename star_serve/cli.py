@@ -69,9 +69,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     train, heldout = _split(_read_records(args.data), args.eval_data)
     config = CalibrationConfig(**_given(args, "tolerance", "rounds", "finetune_steps"))
-    result = calibrate_checkpoint(
-        args.model, train, heldout, args.out, config, args.seq_len, args.batch_size, args.seed
-    )
+    try:
+        result = calibrate_checkpoint(
+            args.model, train, heldout, args.out, config, args.seq_len, args.batch_size, args.seed
+        )
+    except (FileNotFoundError, ValueError) as error:  # not a model directory, too little data, unknown labels
+        raise SystemExit(f"star-serve calibrate: {error}") from None
     print(json.dumps(result.summary, indent=2))
 
 

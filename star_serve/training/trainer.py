@@ -359,7 +359,7 @@ def calibrate_checkpoint(
     seq_len = min(seq_len, config.max_position_embeddings)
     preset = Preset("calibrate", seq_len=seq_len, batch_size=batch_size)
     classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or ())
-    summary: dict[str, Any] = {"task": "calibrate", "model": str(model_dir), "seed": seed}
+    summary: dict[str, Any] = {"task": "calibrate", "model": model_dir.name, "seed": seed}
     if not classifier:
         lm = StarMoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         train_stream = _token_stream(tokenizer, [r["text"] for r in train_records])
