@@ -1,17 +1,17 @@
 """`star-serve bench calibration`: what test-time adaptation does to a tenant whose traffic is the training
 distribution, for each model given (a calibrated checkpoint and the same one uncalibrated, side by side).
 
-Held-out in-domain text is split into a tenant's traffic (`traffic_tokens`, windows of `seq_len`) and a
-disjoint evaluation set (`eval_tokens`). The tenant adapts as the product adapts it: an `Adapter` with
-`AdaptationConfig(mode="async")`, every other setting its default (learning rate, guardrails, capture
-and clipping), one GHA step per `step_tokens` of traffic (the default `STAR_ADAPTATION_MIN_TOKENS`),
-each forward routed with the tenant's current bases, for `rounds` passes over its traffic (bench
-adaptation (a)'s amount: 100 rounds of 4096 tokens). At each checkpoint of that traffic, on the evaluation
-set: routing consistency (share of tokens and layers whose top-k experts equal those under the trained
-bases), the LM's loss with the tenant's bases against the trained ones, and the largest projection
-distance of a layer's basis from the trained one. A tenant that changes nothing of the training
-distribution should be served what the trained model serves; an uncalibrated model shows how far from
-that the bases' drift to GHA's fixed point takes it.
+The tenant adapts as the product adapts it: an `Adapter` with `AdaptationConfig(mode="async")`, every
+setting its default (guardrails, capture and clipping) but the learning rate, which is swept
+(`learning_rates`, the default first); one GHA step per `step_tokens` of traffic (the default
+`STAR_ADAPTATION_MIN_TOKENS`), each forward routed with the tenant's current bases. Two kinds of traffic,
+`traffic_tokens` each: "repeated", a held-out slice of `repeated_tokens` sent again and again (the traffic
+of bench adaptation (a)); "fresh", in-domain text never repeated, from the training documents (the held-out
+split is too small for it). At each of `checkpoints`, on `eval_tokens` of held-out text disjoint from both:
+routing consistency (share of tokens and layers whose top-k experts equal those under the trained bases),
+the loss with the tenant's bases minus the loss with the trained ones, the same on the tenant's own traffic,
+and the largest projection distance of a layer's basis from the trained one. A tenant that changes nothing
+of the training distribution should be served what the trained model serves.
 """
 
 from __future__ import annotations
