@@ -79,6 +79,29 @@ class Settings(BaseSettings):
         description="Tokens of one tenant that count from one capture pass (the forwards captured together) at "
         "most; the rest are dropped.",
     )
+    adaptation_quality_gate: bool = Field(
+        True,
+        description="Commit a tenant's new version only if, on a held-back sample of its own recent prompts, "
+        "it scores no worse than its current version and the trained bases (loss for a language model, "
+        "predictive entropy for a classifier); `async` and `shadow` modes.",
+    )
+    adaptation_max_loss_increase: float = Field(
+        0.0,
+        ge=0,
+        description="How much worse (nats/token) than the better of the current and trained bases a candidate "
+        "may score on the held-back sample and still be committed. The rows are scored on the same tokens, so "
+        "their sampling noise cancels: zero refuses every step that does measurably worse.",
+    )
+    adaptation_holdback_tokens: int = Field(
+        2048, ge=1, description="Tokens of each tenant's recent prompts held back for the quality gate."
+    )
+    adaptation_holdback_rate: float = Field(
+        0.125,
+        ge=0,
+        le=1,
+        description="Once a tenant's held-back sample is full, the share of its prompts held back to keep it "
+        "recent (held-back prompts do not count in the statistics).",
+    )
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
     )

@@ -103,7 +103,7 @@ class _AdaptationCollector(Collector):
         batches = CounterMetricFamily(
             "star_adaptation_batches",
             "Statistics batches: published by this replica, dropped for want of room on the bus; "
-            "as owner applied, duplicate, stale, frozen or refused.",
+            "as owner applied, duplicate, stale, frozen, refused (guardrails) or refused_quality (the quality gate).",
             labels=["model", "outcome"],
         )
         tokens = CounterMetricFamily(
@@ -141,7 +141,7 @@ class _AdaptationCollector(Collector):
             report = adapter.report(self._top)
             stats = report.stats
             steps.add_metric([name], stats.steps)
-            for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused"):
+            for outcome in ("published", "applied", "duplicate", "stale", "frozen", "refused", "refused_quality"):
                 batches.add_metric([name, outcome], stats.batches[outcome])
             batches.add_metric([name, "dropped"], report.bus_dropped)
             refused_steps.add_metric([name], stats.refused_steps)

@@ -41,6 +41,7 @@ class StatisticsBatch:
     load: torch.Tensor  # (L, E) tokens routed to each expert
     first_seen: float  # wall-clock time of the oldest token counted
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    held: list[torch.Tensor] = field(default_factory=list)  # prompts held back for the quality gate, (S,) int32
 
     @property
     def version(self) -> int:
@@ -51,6 +52,8 @@ class StatisticsBatch:
         for i, layer in enumerate(self.stats.layers):
             tensors[f"s1.{i}"] = layer.s1.contiguous()
             tensors[f"s2.{i}"] = layer.s2.contiguous()
+        for j, ids in enumerate(self.held):
+            tensors[f"held.{j}"] = ids.to(torch.int32).contiguous()
         metadata = {
             "id": self.id,
             "tenant": self.tenant,
@@ -66,13 +69,16 @@ class StatisticsBatch:
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len])["__metadata__"]
         n = int(metadata["tokens"])
-        layers = [GhaStatistics(tensors[f"s1.{i}"], tensors[f"s2.{i}"], n) for i in range((len(tensors) - 1) // 2)]
+        count = sum(name.startswith("s1.") for name in tensors)
+        layers = [GhaStatistics(tensors[f"s1.{i}"], tensors[f"s2.{i}"], n) for i in range(count)]
+        held = [tensors[f"held.{j}"] for j in range(sum(name.startswith("held.") for name in tensors))]
         return cls(
             tenant=metadata["tenant"],
             stats=LayerStatistics(int(metadata["version"]), layers),
             load=tensors["load"],
             first_seen=float(metadata["first_seen"]),
             id=metadata["id"],
+            held=held,
         )
 
 

@@ -1,11 +1,11 @@
 """Forwards as the capture sees them: each sequence's tenant, real tokens and basis version, and every
-layer's router inputs and expert choices; merged into one capture pass, then reduced to each tenant's
-statistics and handed to the adapter."""
+layer's router inputs and expert choices; the prompts held back for the quality gate taken out, the rest
+merged into one capture pass, then reduced to each tenant's statistics and handed to the adapter."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,7 @@ class Forward:
     versions: list[int]
     router_inputs: list[torch.Tensor]  # L x (B, S, D)
     expert_indices: list[torch.Tensor]  # L x (B, S, k)
+    token_ids: torch.Tensor | None = None  # (B, S): the tokens themselves, for the held-back prompts
 
     def grouped(self) -> tuple[list[str], torch.Tensor, list[int], torch.Tensor]:
         """The groups of sequences of one tenant and basis version: each group's tenant and version, each
@@ -93,11 +94,26 @@ def per_token(
     )
 
 
+def held_back(adapter: Adapter, forward: Forward) -> Forward:
+    """The forward without the prompts that the adapter holds back for its quality gate: their lengths are
+    0, so that none of their tokens count in the statistics."""
+    if forward.token_ids is None or max(forward.lengths) < 2:  # a decode step holds no prompt
+        return forward
+    ids = forward.token_ids.cpu()
+    lengths = [
+        0 if adapter.hold_back(tenant, ids[i, :n]) else n
+        for i, (tenant, n) in enumerate(zip(forward.tenants, forward.lengths, strict=True))
+    ]
+    return replace(forward, lengths=lengths) if lengths != forward.lengths else forward
+
+
 def capture_batch(adapter: Adapter, forwards: list[Forward], num_experts: int, config: CaptureConfig) -> None:
     """Captures waiting forwards in one pass; a failure loses their tokens, never the capture thread."""
     try:
         with torch.inference_mode():
-            capture_forward(adapter, merge_forwards(forwards), num_experts, config)
+            counted = [f for f in (held_back(adapter, f) for f in forwards) if sum(f.lengths)]
+            if counted:
+                capture_forward(adapter, merge_forwards(counted), num_experts, config)
     except Exception:
         log.exception("capturing a forward's statistics failed; its tokens do not count")
 

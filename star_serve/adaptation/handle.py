@@ -6,16 +6,19 @@ factory's choice, as vLLM's engine-core client is."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 import torch
 
 from ..config import Settings
+from ..model import StarMoeForCausalLM, StarMoePreTrainedModel
 from .backends import Backends
 from .bank import BatchRouter, TenantBank
 from .local import LocalAdaptation
 from .observer import ForwardSink
 from .process import AdaptationProcess
+from .quality import GateModel, QualityGate, model_scorer
 from .worker import AdaptationConfig, AdaptationReport
 
 
@@ -59,22 +62,28 @@ class AdaptationHandle(Protocol):
 
 def open_adaptation(
     name: str,
-    trained: torch.Tensor | None,  # (L, E, D): the model's trained bases; None: no GHA subspace to adapt
+    model: StarMoePreTrainedModel,
+    directory: Path,  # the checkpoint it was loaded from: a process of its own loads its quality gate's copy
     bank: TenantBank,
-    experts: tuple[int, int],  # (E, k)
     settings: Settings,
 ) -> AdaptationHandle | None:
     """The adaptation of one served model as `settings` ask, None when there is none (adaptation off, or a
     router without a subspace). `async` and `shadow` run in a process of their own on a CPU (see
     `Settings.adaptation_process`)."""
-    if trained is None or settings.adaptation == "off":
+    if settings.adaptation == "off" or model.config.router_type not in ("star", "star_gha_only"):
         return None
+    trained = model.trained_bases()
+    experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
     config = AdaptationConfig.from_settings(settings)
     backends = Backends.from_settings(settings)
+    gated = config.quality.enabled and config.mode in ("async", "shadow")
     if _in_a_process(settings, bank.device):
-        return AdaptationProcess(name, trained, bank, config, backends, *experts, settings.metrics_top_tenants)
+        task: Literal["generate", "classify"] = "generate" if isinstance(model, StarMoeForCausalLM) else "classify"
+        gate = GateModel(directory, task) if gated else None
+        return AdaptationProcess(name, trained, bank, config, backends, *experts, settings.metrics_top_tenants, gate)
     store, bus = backends.open(name)
-    return LocalAdaptation(name, trained, bank, store, config, bus, experts[0])
+    gate_here = QualityGate(model_scorer(model), config.quality) if gated else None
+    return LocalAdaptation(name, trained, bank, store, config, bus, experts[0], gate_here)
 
 
 def _in_a_process(settings: Settings, device: torch.device) -> bool:

@@ -10,6 +10,7 @@ import torch
 from .bank import BatchRouter, TenantBank
 from .bus import StatisticsBus
 from .observer import ForwardSink, Observer, SyncObserver, SyncRouting
+from .quality import QualityGate
 from .store import SnapshotStore
 from .worker import AdaptationConfig, AdaptationReport, Adapter
 
@@ -24,8 +25,9 @@ class LocalAdaptation:
         config: AdaptationConfig,
         bus: StatisticsBus | None = None,
         num_experts: int | None = None,
+        gate: QualityGate | None = None,
     ) -> None:
-        self.adapter = Adapter(model, trained, bank, store, config, bus)
+        self.adapter = Adapter(model, trained, bank, store, config, bus, gate)
         experts = num_experts or trained.shape[1]
         self._sink: ForwardSink
         self._routing: BatchRouter

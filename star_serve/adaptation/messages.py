@@ -91,7 +91,8 @@ class Ready:
 @dataclass(frozen=True)
 class RingForward:
     """One forward's real tokens in the ring: `n` tokens from `start`, the ring's write position `end` once
-    they are read, and each sequence's tenant, real tokens and served version."""
+    they are read, each sequence's tenant, real tokens and served version, and whether the ring holds the
+    tokens' ids too."""
 
     start: int
     n: int
@@ -99,3 +100,4 @@ class RingForward:
     tenants: list[str]
     lengths: list[int]
     versions: list[int]
+    ids: bool = False

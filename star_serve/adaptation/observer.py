@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+import torch
+
 from .bank import RoutingPlan, TenantBank
 from .capture import CaptureConfig
 from .forwards import Forward, capture_batch, synced
@@ -20,9 +22,12 @@ from .worker import Adapter
 
 class ForwardSink(Protocol):
     """Where the engine hands each forward, after it ran: its sequences' tenants and real tokens, the plan it
-    routed with, and the model's output (router inputs and expert choices)."""
+    routed with, the model's output (router inputs and expert choices) and the token ids (B, S), from which
+    prompts are held back for the quality gate."""
 
-    def submit(self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any) -> None: ...
+    def submit(
+        self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -86,10 +91,12 @@ class Observer:
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
 
-    def submit(self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any) -> None:
+    def submit(
+        self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
+    ) -> None:
         if plan.bank is None or not self._sampler.keep():
             return
-        forward = Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices)
+        forward = Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices, ids)
         tokens = sum(lengths)
         with self._changed:
             self._changed.wait_for(lambda: self._tokens < self.max_waiting or self._closed)
@@ -129,7 +136,9 @@ class SyncObserver:
     def __init__(self, adapter: Adapter, num_experts: int) -> None:
         self.adapter, self.num_experts = adapter, num_experts
 
-    def submit(self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any) -> None:
+    def submit(
+        self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
+    ) -> None:
         if plan.bank is None:
             return
         forward = Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices)

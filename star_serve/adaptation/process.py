@@ -51,6 +51,7 @@ from .messages import (
 )
 from .observer import ForwardSampler
 from .process_child import Setup, main
+from .quality import GateModel
 from .ring import ProcessObserver, SharedRing
 from .worker import AdaptationConfig, AdaptationReport, AdaptationStats
 
@@ -76,6 +77,7 @@ class AdaptationProcess:
         num_experts: int,
         top_k: int,
         top_tenants: int = 10,  # tenants whose health the reports name (the rest as "other")
+        gate: GateModel | None = None,  # the model that the process loads to judge candidates; None: no gate
     ) -> None:
         if config.mode not in ("async", "shadow"):
             raise ValueError("only async and shadow adaptation run in a process of its own")
@@ -85,7 +87,9 @@ class AdaptationProcess:
         self._layout = (layers, dim, top_k)
         capture = ForwardSampler.whole(config.capture)  # the serving process samples forwards
         trained = trained.detach().float().cpu()
-        self._setup = Setup(model, trained, replace(config, capture=capture), backends, num_experts, top_tenants)
+        self._setup = Setup(
+            model, trained, replace(config, capture=capture), backends, num_experts, top_tenants, gate=gate
+        )
         self.observer = ProcessObserver(config.capture.sample_rate)
         self.restarts = 0
         self._process: multiprocessing.process.BaseProcess | None = None

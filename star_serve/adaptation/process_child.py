@@ -36,6 +36,7 @@ from .messages import (
     Stop,
 )
 from .observer import CapturePolicy
+from .quality import GateModel, QualityGate, model_scorer
 from .ring import SharedRing
 from .worker import AdaptationConfig, Adapter
 
@@ -55,6 +56,7 @@ class Setup:
     num_experts: int
     top_tenants: int
     policy: CapturePolicy = field(default_factory=CapturePolicy)
+    gate: GateModel | None = None  # loaded here, on the CPU, to judge candidates
 
 
 class _Link:
@@ -110,7 +112,11 @@ async def _serve(setup: Setup, control: Connection, forwards: Connection, ring: 
             report(None)
 
     store, bus = setup.backends.open(setup.model)
-    adapter = Adapter(setup.model, setup.trained, _Link(setup.trained, send), store, setup.config, bus)
+    gate = None
+    if setup.gate is not None:
+        scorer = model_scorer(await asyncio.to_thread(setup.gate.load))
+        gate = QualityGate(scorer, setup.config.quality)
+    adapter = Adapter(setup.model, setup.trained, _Link(setup.trained, send), store, setup.config, bus, gate)
     adapter.on_commit = lags.append
     adapter.start()
     capture = threading.Thread(
@@ -189,7 +195,7 @@ def _capture_forwards(adapter: Adapter, forwards: Connection, ring: SharedRing, 
         elif isinstance(message, RingForward):
             if not waiting:
                 first = time.monotonic()
-            forward = ring.take(message, len(data))
+            forward = ring.take(message, len(data), adapter.hold_back)
             waiting.append(forward)
             tokens += len(forward.tenants)
         if waiting and (ended or setup.policy.due(tokens, first)):

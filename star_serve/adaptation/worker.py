@@ -31,7 +31,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -45,6 +45,7 @@ from .errors import CommitConflict, VersionNotKept
 from .guardrails import Guardrails, collapsed, load_entropies
 from .owner import Committed, Decision, plan_step
 from .pending import PendingStatistics
+from .quality import HoldBack, QualityConfig, QualityGate, Verdict
 from .store import Snapshot, SnapshotStore
 from .sync import SyncTenant, SyncUpdate
 
@@ -62,6 +63,7 @@ class AdaptationConfig:
     max_staleness: int = 4  # versions: batches taken against an older basis are dropped, not applied
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     guard: Guardrails = field(default_factory=Guardrails)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
     pending_tenants: int = 256  # tenants whose statistics can wait for publication at once
 
@@ -73,6 +75,7 @@ class AdaptationConfig:
             min_tokens=settings.adaptation_min_tokens,
             min_interval=settings.adaptation_min_interval,
             capture=CaptureConfig.from_settings(settings),
+            quality=QualityConfig.from_settings(settings),
         )
 
 
@@ -94,6 +97,7 @@ class TenantState:
     synced_tokens: int = 0  # sync mode: tokens that moved the tenant's bank row since the last commit
     sync_bases: torch.Tensor | None = None  # sync mode: a copy of the row, to commit
     frozen_entropy: list[float] | None = None  # per layer: the expert-load entropy of its trained routing
+    verdict: Verdict | None = None  # the quality gate's last judgement of a candidate
 
     @property
     def drift(self) -> float:
@@ -123,7 +127,8 @@ class AdaptationStats:
     rollbacks: int = 0
     captured: CaptureCounts = field(default_factory=CaptureCounts)
     # Statistics batches: "published" here; as their owner, "applied", "duplicate" (applied before),
-    # "stale" (too old a basis), "frozen", "refused" (a step the guardrails refused, or a rollback).
+    # "stale" (too old a basis), "frozen", "refused" (a step the guardrails refused, or a rollback),
+    # "refused_quality" (a step the quality gate refused).
     batches: Counter[str] = field(default_factory=Counter)
     lags: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # oldest token -> commit, seconds
 
@@ -149,9 +154,14 @@ class Adapter:
         store: SnapshotStore,
         config: AdaptationConfig,
         bus: StatisticsBus | None = None,
+        gate: QualityGate | None = None,  # judges candidates as the owner; None: every step is committed
     ) -> None:
         self.model, self.bank, self.store, self.config = model, bank, store, config
         self.bus: StatisticsBus = bus or LocalBus()
+        self.gate = gate
+        # Of the prompts captured here, those held back for the gate of whichever replica owns their tenant
+        # (every replica that has a gate holds back; one without judges nothing and holds back nothing).
+        self.holdback = HoldBack(replace(config.quality, enabled=config.quality.enabled and gate is not None))
         self.trained = trained.detach().float().cpu()
         self.tenants: dict[str, TenantState] = {}
         self.pending = PendingStatistics(config.pending_tenants)  # async mode: captured, not yet published
@@ -205,6 +215,15 @@ class Adapter:
             if state is None or state.version != version or state.bases is None:
                 return self.trained
             return state.bases
+
+    def hold_back(self, tenant: str, ids: torch.Tensor) -> bool:
+        """Whether the prompt `ids` (S,) of `tenant` is held back for the quality gate, and so not captured."""
+        if self.config.mode not in ("async", "shadow"):
+            return False
+        with self._lock:
+            if self._state(tenant).frozen:
+                return False
+        return self.holdback.offer(tenant, ids)
 
     def take(self, tenants: list[str | None], stats: ForwardStatistics, load: torch.Tensor) -> None:
         """Takes the statistics of one forward: group g of `stats` holds the tokens of `tenants[g]` (None:
@@ -337,11 +356,14 @@ class Adapter:
             return None
         self.tenants[tenant].published = time.monotonic()
         stats, load, first_seen = taken
-        return StatisticsBatch(tenant, stats, load, first_seen) if stats.tokens else None
+        if not stats.tokens:
+            return None
+        return StatisticsBatch(tenant, stats, load, first_seen, held=self.holdback.take(tenant))
 
     def _put_back(self, batch: StatisticsBatch) -> None:
         """Returns an unpublished batch to pending (statistics add up, so this stays bounded). Under `_lock`."""
         state = self.tenants[batch.tenant]
+        self.holdback.waiting.add(batch.tenant, batch.held)
         if batch.version != state.version or not self.pending.put_back(
             batch.tenant, batch.stats, batch.load, batch.first_seen
         ):
@@ -597,6 +619,9 @@ class Adapter:
             handled = await self.store.applied(self.model, tenant, [b.id for b in batches])
             self.stats.batches["duplicate"] += len(handled)
             todo = [b for b in batches if b.id not in handled]
+            if self.gate is not None:
+                for b in todo:
+                    self.gate.receive(tenant, b.held)
             self._configured(tenant, state, await self.store.settings(self.model, tenant))
             with self._lock:
                 committed = Committed(
@@ -630,7 +655,19 @@ class Adapter:
                     return handled, False
                 self.stats.batches["refused"] += len(decision.batches)
                 return handled | decision.handled, False
+            if self.gate is not None and not await self._passes(tenant, state, committed.bases, decision):
+                return handled | decision.handled, False
             return handled | await self._commit(tenant, state, decision), True
+
+    async def _passes(self, tenant: str, state: TenantState, current: torch.Tensor, decision: Decision) -> bool:
+        """Whether the quality gate lets `decision`'s candidate be committed; counts a refusal."""
+        assert self.gate is not None and decision.bases is not None
+        verdict = await asyncio.to_thread(self.gate.judge, tenant, decision.bases, current, self.trained)
+        state.verdict = verdict
+        if not verdict.accepted:
+            log.info("%s/%s: %d batches refused: %s", self.model, tenant, len(decision.batches), verdict.reason)
+            self.stats.batches["refused_quality"] += len(decision.batches)
+        return verdict.accepted
 
     async def _commit(self, tenant: str, state: TenantState, decision: Decision) -> set[str]:
         """Commits a decision's new version by compare-and-set; the ids handled (none when it lost)."""
@@ -721,6 +758,7 @@ class Adapter:
             "last_update": state.updated,
             "drift": projection_distances(bases, self.trained).tolist(),
             "orthogonality_defect": orthogonality_defects(bases).tolist(),
+            "quality": None if state.verdict is None else state.verdict.as_dict(),
         }
 
     async def configure(self, tenant: str, frozen: bool | None, learning_rate: float | None) -> None:

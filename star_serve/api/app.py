@@ -63,8 +63,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     metrics.observe_alignment(name, model.router_alignment())
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype, fold=model.router_gates)
-    experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
-    adapter = open_adaptation(name, trained, bank, experts, settings)
+    adapter = open_adaptation(name, model, directory, bank, settings)
     if adapter is not None:
         adapter.on_commit = metrics.adaptation_lag.labels(name).observe
     routing = bank if adapter is None else adapter.routing

@@ -243,6 +243,18 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
 
 
+class QualityVerdict(BaseModel):
+    """The quality gate's judgement of a candidate on the tenant's held-back prompts; scores are mean
+    next-token loss (nats/token) or, for a classifier, predictive entropy. Lower is better."""
+
+    accepted: bool
+    held_back_tokens: int
+    candidate: float | None = None
+    current: float | None = None
+    trained: float | None = None
+    reason: str = ""
+
+
 class SubspaceState(BaseModel):
     """A tenant's adaptation state for one model."""
 
@@ -255,6 +267,9 @@ class SubspaceState(BaseModel):
     last_update: float | None = Field(None, description="Unix time of the last committed version.")
     drift: list[float] = Field(..., description="Per layer: projection distance from the trained basis.")
     orthogonality_defect: list[float] = Field(..., description="Per layer: ||V V^T - I||_F.")
+    quality: QualityVerdict | None = Field(
+        None, description="The quality gate's last judgement of a candidate version (None: none judged yet)."
+    )
 
 
 class SubspacePatch(BaseModel):

@@ -151,7 +151,7 @@ class ClassificationEngine:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))
         self.expert_load.add(out.expert_indices, mask)
         if self._sink is not None:
-            self._sink.submit(tenants, lengths, plan, out)
+            self._sink.submit(tenants, lengths, plan, out, ids)
         probs = out.logits.float().softmax(-1).cpu()
         results = []
         for i, item in enumerate(batch):

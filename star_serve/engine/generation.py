@@ -318,7 +318,7 @@ class GenerationEngine:
         if any(s.return_routing for s in batch):
             self._count_routing(batch, out.expert_indices, lengths)
         if self._sink is not None:
-            self._sink.submit(tenants, lengths, plan, out)
+            self._sink.submit(tenants, lengths, plan, out, ids)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:

@@ -1,0 +1,218 @@
+"""The quality gate: a tenant's candidate version is committed only if, on a held-back sample of the
+tenant's own recent prompts, it does no worse than both its current version and the trained bases.
+
+    capture:  a prompt ─► held back? ─ yes ─► its token ids travel with the tenant's next statistics batch
+                                     └ no ──► its router inputs count in the statistics
+    owner:    plan_step ─► candidate ─► score [candidate, current, trained] on the tenant's sample
+                                      ─► commit, or refuse (`refused_quality`)
+
+A held-back prompt never counts in the statistics, so that a step is judged on text it was not fitted to.
+Samples are token ids, valid for any basis version; each tenant's are kept apart from every other's, and
+bounded (`holdback_tokens` per tenant, `max_tenants` tenants). The first `holdback_tokens` prompt tokens
+of a tenant on a replica are all held back, so that its sample exists by its first step; after that a
+share `holdback_rate` of its prompts keeps the sample recent. Comparing on the same tokens makes the
+comparison paired: the noise of the sample cancels between the rows, which is what lets the default margin
+be zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import Settings
+from ..model import StarMoePreTrainedModel
+from ..model.loading import load_model
+from ..model.scoring import score_sequences
+
+log = logging.getLogger(__name__)
+
+MIN_LENGTH = 2  # tokens: a shorter prompt has no next-token loss to score
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool = Settings.default("adaptation_quality_gate")
+    max_loss_increase: float = Settings.default("adaptation_max_loss_increase")
+    holdback_tokens: int = Settings.default("adaptation_holdback_tokens")  # per tenant
+    holdback_rate: float = Settings.default("adaptation_holdback_rate")
+    min_sample_tokens: int = 256  # a smaller sample judges nothing: the step is refused
+    max_sequence_tokens: int = 512  # a longer prompt is held back by its first this many tokens
+    max_tenants: int = 1024  # tenants with samples at once; the least recently fed are forgotten
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> QualityConfig:
+        return cls(
+            settings.adaptation_quality_gate,
+            settings.adaptation_max_loss_increase,
+            settings.adaptation_holdback_tokens,
+            settings.adaptation_holdback_rate,
+        )
+
+
+class TokenSamples:
+    """Per tenant, its most recent token-id sequences: `max_tokens` tokens at most (the oldest go first),
+    for `max_tenants` tenants at most (the least recently fed go first). Thread-safe."""
+
+    def __init__(self, max_tokens: int, max_tenants: int) -> None:
+        self.max_tokens, self.max_tenants = max_tokens, max_tenants
+        self._samples: OrderedDict[str, deque[torch.Tensor]] = OrderedDict()
+        self._tokens: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, tenant: str, sequences: list[torch.Tensor]) -> None:
+        if not sequences:
+            return
+        with self._lock:
+            sample = self._samples.setdefault(tenant, deque())
+            self._samples.move_to_end(tenant)
+            for seq in sequences:
+                sample.append(seq)
+                self._tokens[tenant] = self._tokens.get(tenant, 0) + len(seq)
+            while self._tokens[tenant] > self.max_tokens and len(sample) > 1:
+                self._tokens[tenant] -= len(sample.popleft())
+            while len(self._samples) > self.max_tenants:
+                gone, _ = self._samples.popitem(last=False)
+                del self._tokens[gone]
+
+    def get(self, tenant: str) -> list[torch.Tensor]:
+        with self._lock:
+            return list(self._samples.get(tenant, ()))
+
+    def take(self, tenant: str) -> list[torch.Tensor]:
+        """The tenant's sequences, removed."""
+        with self._lock:
+            self._tokens.pop(tenant, None)
+            return list(self._samples.pop(tenant, ()))
+
+    def tokens(self, tenant: str) -> int:
+        with self._lock:
+            return self._tokens.get(tenant, 0)
+
+
+class HoldBack:
+    """The capture side: which prompts are held back, and those waiting to travel with their tenant's next
+    statistics batch."""
+
+    def __init__(self, config: QualityConfig, seed: int | None = None) -> None:
+        self.config = config
+        self.waiting = TokenSamples(config.holdback_tokens, config.max_tenants)
+        self._held: OrderedDict[str, int] = OrderedDict()  # tokens held back per tenant here, bounded
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def offer(self, tenant: str, ids: torch.Tensor) -> bool:
+        """Whether the prompt `ids` (S,) is held back; if it is, it waits for the tenant's next batch."""
+        if not self.config.enabled or len(ids) < MIN_LENGTH:
+            return False
+        with self._lock:
+            held = self._held.get(tenant, 0)
+            if held >= self.config.holdback_tokens and self._random.random() >= self.config.holdback_rate:
+                return False
+            ids = ids[: self.config.max_sequence_tokens].to("cpu", torch.int32, copy=True)
+            self._held[tenant] = held + len(ids)
+            self._held.move_to_end(tenant)
+            while len(self._held) > self.config.max_tenants:
+                self._held.popitem(last=False)
+        self.waiting.add(tenant, [ids])
+        return True
+
+    def take(self, tenant: str) -> list[torch.Tensor]:
+        """The held-back prompts of `tenant` waiting for a batch, removed."""
+        return self.waiting.take(tenant)
+
+
+# Scores every row of a bank (T, L, E, D) on the sequences: lower is better (`model.scoring`).
+Scorer = Callable[[list[torch.Tensor], torch.Tensor], list[float]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's judgement of one candidate, on `tokens` held-back tokens of its tenant."""
+
+    accepted: bool
+    tokens: int
+    candidate: float | None = None  # its score (mean next-token loss, or predictive entropy)
+    current: float | None = None
+    trained: float | None = None
+    reason: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "held_back_tokens": self.tokens,
+            "candidate": self.candidate,
+            "current": self.current,
+            "trained": self.trained,
+            "reason": self.reason,
+        }
+
+
+class QualityGate:
+    """The owner side: each tenant's held-back sample, and the judgement of its candidates on it."""
+
+    def __init__(self, scorer: Scorer, config: QualityConfig) -> None:
+        self.scorer, self.config = scorer, config
+        self.samples = TokenSamples(config.holdback_tokens, config.max_tenants)
+
+    def receive(self, tenant: str, sequences: list[torch.Tensor]) -> None:
+        """Adds held-back prompts of `tenant` (from any replica) to its sample."""
+        self.samples.add(tenant, sequences)
+
+    def judge(
+        self,
+        tenant: str,
+        candidate: torch.Tensor,  # (L, E, D)
+        current: torch.Tensor,  # (L, E, D): the committed version's
+        trained: torch.Tensor,  # (L, E, D)
+    ) -> Verdict:
+        """Accepts `candidate` when its score on the tenant's sample is at most the better of the current
+        and the trained bases' plus `max_loss_increase`. Blocking: run it off the event loop."""
+        sample = self.samples.get(tenant)
+        tokens = sum(len(s) for s in sample)
+        if tokens < self.config.min_sample_tokens:
+            reason = f"{tokens} held-back tokens, fewer than the {self.config.min_sample_tokens} that judge a step"
+            return Verdict(False, tokens, reason=reason)
+        same = torch.equal(current, trained)
+        rows = torch.stack([candidate, current] if same else [candidate, current, trained])
+        scores = self.scorer([s.long() for s in sample], rows.float())
+        score, now = scores[0], scores[1]
+        before = now if same else scores[2]
+        accepted = score <= min(now, before) + self.config.max_loss_increase
+        reason = "" if accepted else f"held-back score {score:.4f} against {min(now, before):.4f}"
+        return Verdict(accepted, tokens, score, now, before, reason)
+
+
+@dataclass(frozen=True)
+class GateModel:
+    """Where a process of its own loads the model that scores candidates: a checkpoint directory and its task
+    ("generate" or "classify"), on the CPU in float32."""
+
+    directory: Path
+    task: Literal["generate", "classify"]
+
+    def load(self) -> StarMoePreTrainedModel:
+        model, _ = load_model(self.directory, self.task, torch.device("cpu"), torch.float32)
+        return model
+
+
+def model_scorer(model: StarMoePreTrainedModel) -> Scorer:
+    """Scores with `model` itself; on a GPU on a stream of its own, beside the engine's."""
+    device = next(model.parameters()).device
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def score(sequences: list[torch.Tensor], bank: torch.Tensor) -> list[float]:
+        if stream is None:
+            return score_sequences(model, sequences, bank)
+        with torch.cuda.stream(stream):
+            return score_sequences(model, sequences, bank)
+
+    return score

@@ -1,0 +1,255 @@
+"""The quality gate: scoring every bank row in one batched forward gives each row's own teacher-forced loss;
+a candidate is committed only when it scores no worse than the current and trained bases on its tenant's
+held-back prompts; held-back prompts never count in the statistics and travel with the tenant's batch."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, Guardrails, LocalDirStore, TenantBank
+from star_serve.adaptation.bus import StatisticsBatch
+from star_serve.adaptation.capture import capture
+from star_serve.adaptation.forwards import Forward, capture_forward, held_back
+from star_serve.adaptation.messages import RingForward
+from star_serve.adaptation.quality import HoldBack, QualityConfig, QualityGate, model_scorer
+from star_serve.adaptation.ring import SharedRing
+from star_serve.model import (
+    StarMoeForCausalLM,
+    StarMoeForSequenceClassification,
+    orthonormalize,
+)
+from star_serve.model.scoring import score_sequences
+
+CPU = torch.device("cpu")
+GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0, min_entropy_ratio=0.0)
+VOCAB = 101
+
+
+@pytest.fixture
+def lm(make_model: Callable[..., StarMoeForCausalLM]) -> StarMoeForCausalLM:
+    return make_model()
+
+
+def _sequences(n: int, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(torch.randint(2, 40, (1,), generator=gen)),), generator=gen) for _ in range(n)]
+
+
+def _moved(trained: torch.Tensor, seed: int) -> torch.Tensor:
+    """Other orthonormal bases of the same shape."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([orthonormalize(layer + 0.5 * torch.randn(layer.shape, generator=gen)) for layer in trained])
+
+
+def test_every_row_scores_its_own_teacher_forced_loss(lm: StarMoeForCausalLM) -> None:
+    model = lm
+    trained = model.trained_bases()
+    bank = torch.stack([trained, _moved(trained, 2), _moved(trained, 3)])
+    sequences = _sequences(12)
+    scores = score_sequences(model, sequences, bank)
+
+    for row, score in enumerate(scores):
+        total, count = 0.0, 0
+        for seq in sequences:  # one at a time: no padding, no other rows in the batch
+            with torch.inference_mode():
+                logits = model(
+                    input_ids=seq[None], router_bank=bank[row : row + 1], tenant_index=torch.zeros(1, dtype=torch.long)
+                ).logits
+            total += float(F.cross_entropy(logits[0, :-1], seq[1:], reduction="sum"))
+            count += len(seq) - 1
+        assert score == pytest.approx(total / count, abs=1e-4)
+    assert len(set(round(s, 6) for s in scores)) == 3  # the rows route differently, so they score differently
+
+
+def test_a_classifier_scores_its_mean_predictive_entropy(
+    make_model: Callable[..., StarMoeForSequenceClassification],
+) -> None:
+    model = make_model(StarMoeForSequenceClassification, num_labels=3)
+    trained = model.trained_bases()
+    sequences = _sequences(6)
+    (score,) = score_sequences(model, sequences, trained[None])
+    entropies = []
+    for seq in sequences:
+        with torch.inference_mode():
+            probs = model(input_ids=seq[None], router_bank=trained[None]).logits.float().softmax(-1)
+        entropies.append(float(-(probs * probs.log()).sum()))
+    assert score == pytest.approx(sum(entropies) / len(entropies), abs=1e-4)
+    assert 0.0 < score <= math.log(3) + 1e-6
+
+
+def _gate(model: StarMoeForCausalLM, **overrides: float) -> QualityGate:
+    gate = QualityGate(model_scorer(model), QualityConfig(**overrides))  # type: ignore[arg-type]
+    gate.receive("acme", _sequences(40))
+    return gate
+
+
+def test_the_gate_refuses_a_worse_candidate_and_accepts_a_better_one(lm: StarMoeForCausalLM) -> None:
+    model = lm
+    trained = model.trained_bases()
+    a, b = _moved(trained, 2), _moved(trained, 3)
+    gate = _gate(model)
+    scores = model_scorer(model)([s for s in gate.samples.get("acme")], torch.stack([a, b, trained]))
+    worse, better = (a, b) if scores[0] > scores[1] else (b, a)
+    best_known = min(scores[:2])
+
+    refused = gate.judge("acme", worse, better, trained)
+    assert not refused.accepted and refused.tokens >= 256 and "held-back score" in refused.reason
+    assert refused.candidate == pytest.approx(max(scores[:2]), abs=1e-5)
+
+    accepted = gate.judge("acme", better, worse, trained)
+    assert accepted.candidate is not None and accepted.trained is not None
+    assert accepted.accepted == (accepted.candidate <= min(accepted.trained, max(scores[:2])))
+    assert accepted.candidate == pytest.approx(best_known, abs=1e-5)
+
+    lenient = _gate(model, max_loss_increase=10.0)
+    assert lenient.judge("acme", worse, better, trained).accepted  # within the margin
+
+
+def test_samples_are_per_tenant_and_too_few_tokens_judge_nothing(lm: StarMoeForCausalLM) -> None:
+    model = lm
+    trained = model.trained_bases()
+    gate = _gate(model, max_loss_increase=10.0)
+    assert gate.judge("acme", _moved(trained, 2), trained, trained).accepted
+    other = gate.judge("globex", _moved(trained, 2), trained, trained)  # acme's prompts never judge globex
+    assert not other.accepted and other.tokens == 0 and "fewer than the 256" in other.reason
+    gate.receive("globex", [torch.arange(1, 11)])
+    assert gate.judge("globex", _moved(trained, 2), trained, trained).tokens == 10
+
+
+def test_the_sample_is_bounded_and_keeps_the_most_recent_prompts() -> None:
+    gate = QualityGate(lambda s, b: [0.0] * len(b), QualityConfig(holdback_tokens=100, max_tenants=2))
+    for i in range(30):
+        gate.receive("acme", [torch.full((10,), i + 1)])
+    kept = gate.samples.get("acme")
+    assert gate.samples.tokens("acme") == 100 and [int(s[0]) for s in kept] == list(range(21, 31))
+    gate.receive("b", [torch.ones(3)])
+    gate.receive("c", [torch.ones(3)])  # a third tenant: the least recently fed is forgotten
+    assert gate.samples.get("acme") == [] and gate.samples.tokens("c") == 3
+
+
+def test_holding_back_fills_the_sample_first_then_samples_at_the_rate() -> None:
+    hold = HoldBack(QualityConfig(holdback_tokens=50, holdback_rate=0.0), seed=0)
+    offered = [hold.offer("acme", torch.arange(1, 11)) for _ in range(8)]
+    assert offered == [True] * 5 + [False] * 3  # 50 tokens, then a rate of 0
+    assert not hold.offer("acme", torch.tensor([5]))  # one token has no next-token loss
+    assert hold.offer("globex", torch.arange(1, 11))  # each tenant has its own
+    assert sum(len(s) for s in hold.take("acme")) == 50 and hold.take("acme") == []
+
+    always = HoldBack(QualityConfig(holdback_tokens=10, holdback_rate=1.0), seed=0)
+    assert all(always.offer("acme", torch.arange(1, 11)) for _ in range(5))
+    off = HoldBack(QualityConfig(enabled=False))
+    assert not off.offer("acme", torch.arange(1, 11))
+
+
+def test_a_batch_carries_its_held_back_prompts_across_serialization(lm: StarMoeForCausalLM) -> None:
+    trained = lm.trained_bases()
+    stats = capture(trained, [torch.randn(8, trained.shape[-1]) for _ in trained], 0, CaptureConfig(max_token_norm=1e9))
+    held = [torch.arange(1, 6, dtype=torch.int32), torch.arange(7, 10, dtype=torch.int32)]
+    batch = StatisticsBatch("acme", stats, torch.ones(trained.shape[:2]), first_seen=time.time(), held=held)
+    back = StatisticsBatch.from_bytes(batch.to_bytes())
+    assert [s.tolist() for s in back.held] == [s.tolist() for s in held]
+    assert len(back.stats.layers) == len(stats.layers) and back.stats.tokens == stats.tokens
+    plain = StatisticsBatch("acme", stats, torch.ones(trained.shape[:2]), first_seen=time.time())
+    assert StatisticsBatch.from_bytes(plain.to_bytes()).held == []
+
+
+def _adapter(tmp_path: Path, model: StarMoeForCausalLM, **quality: float) -> Adapter:
+    trained = model.trained_bases()
+    config = AdaptationConfig(
+        mode="async",
+        learning_rate=0.5,
+        min_tokens=8,
+        capture=CaptureConfig(max_token_norm=1e9),
+        guard=GUARD,
+        quality=QualityConfig(**quality),  # type: ignore[arg-type]
+    )
+    gate = QualityGate(model_scorer(model), config.quality)
+    return Adapter("lm", trained, TenantBank(trained, CPU, torch.float32), LocalDirStore(tmp_path), config, gate=gate)
+
+
+def _serve(adapter: Adapter, model: StarMoeForCausalLM, sequences: list[torch.Tensor]) -> list[int]:
+    """Routes `sequences` as one forward of tenant acme and hands it to the capture; the lengths counted."""
+    lengths = [len(s) for s in sequences]
+    ids = torch.zeros(len(sequences), max(lengths), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = s
+    mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    tenants = ["acme"] * len(sequences)
+    view = adapter.bank.lookup(tenants)
+    with torch.inference_mode():
+        out = model.model(
+            input_ids=ids,
+            attention_mask=mask,
+            router_bank=view.bank,
+            tenant_index=view.index,
+            output_routing=True,
+            use_cache=False,
+        )
+    forward = held_back(adapter, Forward(tenants, lengths, view.versions, out.router_inputs, out.expert_indices, ids))
+    if sum(forward.lengths):
+        capture_forward(adapter, forward, model.config.num_local_experts, adapter.config.capture)
+    return forward.lengths
+
+
+@pytest.mark.parametrize("margin, committed", [(-1.0, False), (10.0, True)])
+def test_the_owner_commits_only_what_the_gate_accepts(
+    tmp_path: Path, lm: StarMoeForCausalLM, margin: float, committed: bool
+) -> None:
+    model = lm
+    prompts = _sequences(60)
+    held = sum(len(s) for s in prompts[:30])  # the first 30 prompts fill the sample; none after them
+    adapter = _adapter(tmp_path, model, max_loss_increase=margin, holdback_tokens=held, holdback_rate=0.0)
+
+    async def scenario() -> None:
+        await adapter.ensure_loaded("acme")
+        counted = _serve(adapter, model, prompts)
+        assert counted == [0] * 30 + [len(s) for s in prompts[30:]]  # held-back prompts do not count
+        assert await adapter.step("acme") == committed
+        state = adapter.tenants["acme"]
+        verdict = state.verdict
+        assert verdict is not None and verdict.accepted == committed and verdict.tokens == held
+        assert state.version == int(committed)
+        assert adapter.stats.batches["refused_quality"] == (0 if committed else 1)
+        described = await adapter.describe("acme")
+        quality = described["quality"]
+        assert isinstance(quality, dict) and quality["accepted"] == committed
+        assert (await adapter.store.latest("lm", "acme") is not None) == committed
+
+    asyncio.run(scenario())
+
+
+def test_without_a_gate_nothing_is_held_back(tmp_path: Path, lm: StarMoeForCausalLM) -> None:
+    model = lm
+    trained = model.trained_bases()
+    config = AdaptationConfig(mode="async", min_tokens=8, capture=CaptureConfig(max_token_norm=1e9))
+    adapter = Adapter("lm", trained, TenantBank(trained, CPU, torch.float32), LocalDirStore(tmp_path), config)
+    prompts = _sequences(4)
+    assert _serve(adapter, model, prompts) == [len(s) for s in prompts]
+
+
+def test_the_adaptation_process_side_of_the_ring_leaves_held_back_prompts_out() -> None:
+    layers, dim, k = 2, 8, 2
+    ring = SharedRing.create(layers, dim, k)
+    lengths, n = [3, 4, 1], 8
+    ring.inputs[:, :n] = torch.arange(n, dtype=torch.float32)[None, :, None].expand(layers, n, dim)
+    ring.ids[:n] = torch.arange(1, n + 1)
+    offered: list[tuple[str, list[int]]] = []
+
+    def hold(tenant: str, ids: torch.Tensor) -> bool:
+        offered.append((tenant, ids.tolist()))
+        return tenant == "a"
+
+    message = RingForward(0, n, n, ["a", "b", "c"], lengths, [0, 0, 0], ids=True)
+    forward = ring.take(message, 100, hold)
+    assert offered == [("a", [1, 2, 3]), ("b", [4, 5, 6, 7]), ("c", [8])]
+    assert forward.tenants == ["b"] * 4 + ["c"]  # a's prompt is held back; its tokens are not captured
+    assert forward.router_inputs[0][:, 0, 0].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert ring.read.tolist() == [n, 100]
