@@ -51,6 +51,10 @@ bench-calibration: setup
 bench-adaptation: setup
 	$(BIN)/star-serve bench adaptation --out bench-results
 
+.PHONY: bench-domains
+bench-domains: setup
+	$(BIN)/star-serve bench domains --out bench-results
+
 lint: setup
 	$(BIN)/ruff check star_serve tests
 	$(BIN)/ruff format --check star_serve tests

@@ -136,6 +136,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "calibration":
         cmd_bench_calibration(args, settings)
         return
+    if args.name == "domains":
+        cmd_bench_domains(args, settings)
+        return
     if args.model is None:
         from .training.demo import ensure_demo_models
 
@@ -179,6 +182,18 @@ def cmd_bench_calibration(args: argparse.Namespace, settings: Settings) -> None:
     config = CalibrationBenchConfig(models=(args.model, *(args.compare or ())), out_dir=args.out, **given)
     run_calibration_bench(config)
     print((args.out / "calibration.md").read_text())
+
+
+def cmd_bench_domains(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.domains import DomainBenchConfig, run_domain_bench
+
+    if args.model is None:
+        from .training.demo import ensure_demo_models
+
+        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    config = DomainBenchConfig(model=args.model, out_dir=args.out, **_given(args, "seeds", "traffic_tokens"))
+    run_domain_bench(config)
+    print((args.out / "domains.md").read_text())
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -228,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
-    bench.add_argument("name", choices=("serving", "adaptation", "calibration"))
+    bench.add_argument("name", choices=("serving", "adaptation", "calibration", "domains"))
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument(
         "--compare", type=Path, action="append", help="calibration: another checkpoint, measured side by side"
@@ -252,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     adaptation.add_argument("--severities", type=int, nargs="+", choices=range(1, 6), help="(default: 1 3 5)")
     adaptation.add_argument("--passes", type=int, help="passes over each corrupted tenant's traffic (default: 2)")
     adaptation.add_argument("--tenants", type=int, help="tenants of the throughput load (default: 32)")
+
+    domains = bench.add_argument_group("domains", "options of `bench domains` (defaults: about 20 minutes on CPU)")
+    domains.add_argument("--seeds", type=int, nargs="+", help="traffic/evaluation splits (default: 0 1 2)")
+    domains.add_argument("--traffic-tokens", type=int, help="each tenant's traffic (default: 20480)")
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the demo models if needed, then generate and classify once"
