@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         "may score on the held-back sample and still be committed. The rows are scored on the same tokens, so "
         "their sampling noise cancels: zero refuses every step that does measurably worse.",
     )
+    adaptation_rollback_loss_increase: float = Field(
+        0.01,
+        ge=0,
+        description="How much worse (nats/token) than the trained bases a tenant's committed version may score on "
+        "its held-back sample before the tenant is rolled back to the trained bases. Above the commit margin, so "
+        "that a version just committed is not rolled back on the next sample's noise.",
+    )
     adaptation_holdback_tokens: int = Field(
         2048, ge=1, description="Tokens of each tenant's recent prompts held back for the quality gate."
     )

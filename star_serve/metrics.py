@@ -125,6 +125,11 @@ class _AdaptationCollector(Collector):
             labels=["model"],
         )
         rollbacks = CounterMetricFamily("star_adaptation_rollbacks", "Rollbacks and resets.", labels=["model"])
+        quality_rollbacks = CounterMetricFamily(
+            "star_adaptation_quality_rollbacks",
+            "Rollbacks to the trained bases by the quality gate: the served version scored worse than them.",
+            labels=["model"],
+        )
         store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
         store_up = GaugeMetricFamily("star_store_up", "1 while the snapshot store answers.", labels=["model"])
         drift = GaugeMetricFamily(
@@ -136,6 +141,12 @@ class _AdaptationCollector(Collector):
             "star_tenant_explained_variance",
             "Recent share of the tenant's router-input energy in its subspace, ||X V^T||^2 / ||X||^2.",
             labels=["model", "tenant"],
+        )
+        loss = GaugeMetricFamily(
+            "star_tenant_loss",
+            "The quality gate's last scores on the tenant's held-back prompts (nats/token; for a classifier, "
+            "predictive entropy), with the bases it is served and with the trained ones (busiest tenants).",
+            labels=["model", "tenant", "bases"],
         )
         for name, adapter in self._adapters():
             report = adapter.report(self._top)
@@ -152,12 +163,16 @@ class _AdaptationCollector(Collector):
             writes.add_metric([name, "ok"], stats.steps + stats.rollbacks)
             writes.add_metric([name, "conflict"], stats.commits_lost)
             rollbacks.add_metric([name], stats.rollbacks)
+            quality_rollbacks.add_metric([name], stats.quality_rollbacks)
             store_errors.add_metric([name], stats.store_errors)
             store_up.add_metric([name], float(report.store_ok))
             for health in report.health:
                 drift.add_metric([name, health.tenant], health.drift)
                 if health.explained is not None:
                     explained.add_metric([name, health.tenant], health.explained)
+                if health.loss is not None:
+                    loss.add_metric([name, health.tenant, "served"], health.loss[0])
+                    loss.add_metric([name, health.tenant, "trained"], health.loss[1])
         yield from (
             steps,
             batches,
@@ -166,10 +181,12 @@ class _AdaptationCollector(Collector):
             tokens,
             writes,
             rollbacks,
+            quality_rollbacks,
             store_errors,
             store_up,
             drift,
             explained,
+            loss,
         )
 
 

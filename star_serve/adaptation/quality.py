@@ -44,6 +44,7 @@ class QualityConfig:
     max_loss_increase: float = Settings.default("adaptation_max_loss_increase")
     holdback_tokens: int = Settings.default("adaptation_holdback_tokens")  # per tenant
     holdback_rate: float = Settings.default("adaptation_holdback_rate")
+    rollback_loss_increase: float = Settings.default("adaptation_rollback_loss_increase")
     min_sample_tokens: int = 256  # a smaller sample judges nothing: the step is refused
     max_sequence_tokens: int = 512  # a longer prompt is held back by its first this many tokens
     max_tenants: int = 1024  # tenants with samples at once; the least recently fed are forgotten
@@ -55,6 +56,7 @@ class QualityConfig:
             settings.adaptation_max_loss_increase,
             settings.adaptation_holdback_tokens,
             settings.adaptation_holdback_rate,
+            settings.adaptation_rollback_loss_increase,
         )
 
 
@@ -144,6 +146,16 @@ class Verdict:
     current: float | None = None
     trained: float | None = None
     reason: str = ""
+    rolled_back: bool = False  # the tenant was rolled back to the trained bases on this verdict
+
+    @property
+    def served(self) -> float | None:
+        """The score of the bases the tenant has after this verdict (before any rollback)."""
+        return self.candidate if self.accepted else self.current
+
+    def degraded(self, margin: float) -> bool:
+        """Whether the committed version scored worse than the trained bases by more than `margin`."""
+        return self.current is not None and self.trained is not None and self.current - self.trained > margin
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -153,6 +165,7 @@ class Verdict:
             "current": self.current,
             "trained": self.trained,
             "reason": self.reason,
+            "rolled_back": self.rolled_back,
         }
 
 

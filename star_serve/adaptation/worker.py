@@ -115,6 +115,14 @@ class TenantHealth:
     tenant: str
     drift: float
     explained: float | None
+    loss: tuple[float, float] | None = None  # the quality gate's last scores: (served bases, trained bases)
+
+
+def _losses(verdict: Verdict | None) -> tuple[float, float] | None:
+    """(served, trained) scores of a tenant's last verdict, when it has both."""
+    if verdict is None or verdict.served is None or verdict.trained is None:
+        return None
+    return (verdict.trained if verdict.rolled_back else verdict.served), verdict.trained
 
 
 @dataclass
@@ -125,6 +133,7 @@ class AdaptationStats:
     commits_lost: int = 0  # compare-and-set lost to another writer
     store_errors: int = 0
     rollbacks: int = 0
+    quality_rollbacks: int = 0  # of the rollbacks, those the quality gate made (the served version scored worse)
     captured: CaptureCounts = field(default_factory=CaptureCounts)
     # Statistics batches: "published" here; as their owner, "applied", "duplicate" (applied before),
     # "stale" (too old a basis), "frozen", "refused" (a step the guardrails refused, or a rollback),
@@ -664,10 +673,24 @@ class Adapter:
         assert self.gate is not None and decision.bases is not None
         verdict = await asyncio.to_thread(self.gate.judge, tenant, decision.bases, current, self.trained)
         state.verdict = verdict
-        if not verdict.accepted:
-            log.info("%s/%s: %d batches refused: %s", self.model, tenant, len(decision.batches), verdict.reason)
-            self.stats.batches["refused_quality"] += len(decision.batches)
-        return verdict.accepted
+        if verdict.accepted:
+            return True
+        log.info("%s/%s: %d batches refused: %s", self.model, tenant, len(decision.batches), verdict.reason)
+        self.stats.batches["refused_quality"] += len(decision.batches)
+        if state.version > 0 and verdict.degraded(self.gate.config.rollback_loss_increase):
+            log.warning(
+                "%s/%s: version %d scores %.4f on held-back prompts, the trained bases %.4f; rolling back to them",
+                *(self.model, tenant, state.version, verdict.current, verdict.trained),
+            )
+            try:
+                await self._rollback(tenant, state, 0)
+            except CommitConflict:
+                with self._lock:
+                    state.loaded = False
+                return False
+            self.stats.quality_rollbacks += 1
+            state.verdict = replace(verdict, rolled_back=True)
+        return False
 
     async def _commit(self, tenant: str, state: TenantState, decision: Decision) -> set[str]:
         """Commits a decision's new version by compare-and-set; the ids handled (none when it lost)."""
@@ -728,7 +751,7 @@ class Adapter:
         (largest drift, traffic-weighted explained variance): a bounded set for the metrics."""
         with self._lock:
             ranked = sorted(self.tenants.items(), key=lambda item: -item[1].traffic)
-            rows = [TenantHealth(t, s.drift, s.explained) for t, s in ranked[:top]]
+            rows = [TenantHealth(t, s.drift, s.explained, _losses(s.verdict)) for t, s in ranked[:top]]
             rest = [s for _, s in ranked[top:]]
         if rest:
             seen = [s for s in rest if s.explained is not None and s.traffic]

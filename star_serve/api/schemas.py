@@ -253,6 +253,7 @@ class QualityVerdict(BaseModel):
     current: float | None = None
     trained: float | None = None
     reason: str = ""
+    rolled_back: bool = Field(False, description="The tenant was rolled back to the trained bases on this verdict.")
 
 
 class SubspaceState(BaseModel):

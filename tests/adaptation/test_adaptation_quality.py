@@ -21,6 +21,7 @@ from star_serve.adaptation.forwards import Forward, capture_forward, held_back
 from star_serve.adaptation.messages import RingForward
 from star_serve.adaptation.quality import HoldBack, QualityConfig, QualityGate, model_scorer
 from star_serve.adaptation.ring import SharedRing
+from star_serve.adaptation.store import Snapshot
 from star_serve.model import (
     StarMoeForCausalLM,
     StarMoeForSequenceClassification,
@@ -253,3 +254,34 @@ def test_the_adaptation_process_side_of_the_ring_leaves_held_back_prompts_out() 
     assert forward.tenants == ["b"] * 4 + ["c"]  # a's prompt is held back; its tokens are not captured
     assert forward.router_inputs[0][:, 0, 0].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
     assert ring.read.tolist() == [n, 100]
+
+
+def test_a_tenant_whose_committed_version_scores_worse_than_the_trained_bases_rolls_back(
+    tmp_path: Path, lm: StarMoeForCausalLM
+) -> None:
+    model = lm
+    trained = model.trained_bases()
+    prompts = _sequences(60)
+    held = sum(len(s) for s in prompts[:30])
+    scores = model_scorer(model)(prompts[:30], torch.stack([_moved(trained, s) for s in range(2, 12)] + [trained]))
+    seed = 2 + max(range(10), key=lambda i: scores[i])
+    bad = _moved(trained, seed)  # the worst of ten
+    gap = scores[seed - 2] - scores[-1]
+    assert gap > 0  # a tiny random model's routing moves its loss little: the margin is a share of the gap
+    margin = gap / 2
+    adapter = _adapter(tmp_path, model, holdback_tokens=held, holdback_rate=0.0, rollback_loss_increase=margin)
+
+    async def scenario() -> None:
+        await adapter.store.commit(Snapshot("lm", "acme", 1, bad), expected=0)  # the tenant's served version
+        await adapter.ensure_loaded("acme")
+        _serve(adapter, model, prompts)
+        assert not await adapter.step("acme")  # the candidate, a step from the bad bases, is refused
+        state = adapter.tenants["acme"]
+        assert state.verdict is not None and state.verdict.rolled_back
+        assert state.verdict.current == pytest.approx(scores[seed - 2], abs=1e-4)
+        assert state.version == 2 and state.bases is not None and torch.equal(state.bases, adapter.trained)
+        assert adapter.stats.quality_rollbacks == 1 and adapter.stats.rollbacks == 1
+        (health,) = adapter.health(10)
+        assert health.loss is not None and health.loss[0] == health.loss[1] == state.verdict.trained
+
+    asyncio.run(scenario())
