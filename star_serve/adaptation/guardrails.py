@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.gha import GhaStatistics, gha_step, orthogonality_defects, projection_distances
+from ..model.gha import GhaStatistics, gha_step, orthogonality_defects, projection_distances, retract
 from .capture import LayerStatistics
 
 
@@ -23,8 +23,10 @@ from .capture import LayerStatistics
 class Guardrails:
     max_step: float = 0.05  # largest Frobenius norm of one layer's change, before renormalisation
     max_distance: float = 0.5  # largest projection distance from the trained basis, per layer
-    # The most a commit may add to the trained basis's ||V V^T - I||_F (GHA with row renormalisation
-    # alone leaves trained bases only roughly orthogonal, so the check is relative to where they started).
+    # The most a step may add to the trained basis's ||V V^T - I||_F (GHA with row renormalisation alone
+    # leaves trained bases only roughly orthogonal, so the check is relative to where they started). A step
+    # past it is retracted onto an orthonormal basis, not refused: GHA passes through such bases on its way
+    # to a subspace that moved, and refusing them would hold the tenant there for good.
     orthogonality_tolerance: float = 0.25
     # A layer's expert-load entropy under this share of the tenant's frozen entropy (its tokens routed
     # with the trained bases) is a collapse, and the tenant is rolled back.
@@ -39,6 +41,7 @@ class StepReport:
     step_norms: list[float] = field(default_factory=list)
     distances: list[float] = field(default_factory=list)
     defects: list[float] = field(default_factory=list)
+    retracted: list[bool] = field(default_factory=list)  # Gram-Schmidt after the step (see Guardrails)
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -105,28 +108,31 @@ def _guarded(
     capped = current + change * (guard.max_step / norms.clamp_min(1e-30))[:, None, None]
     capped = capped / capped.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     proposed = torch.where((norms > guard.max_step)[:, None, None], capped, proposed)
+    # Rows less orthonormal than allowed are retracted, in Sanger's order: the same leading rows, the same
+    # subspace, each row's sign kept.
+    retracting = orthogonality_defects(proposed) > orthogonality_defects(trained) + guard.orthogonality_tolerance
+    proposed = torch.where(retracting[:, None, None], retract(proposed), proposed)
     checks = torch.stack(
         [
             norms.double(),
             projection_distances(proposed, trained),
             orthogonality_defects(proposed).double(),
-            orthogonality_defects(trained).double() + guard.orthogonality_tolerance,
+            retracting.double(),
             torch.isfinite(proposed).flatten(1).all(dim=1).double(),
         ]
     ).T.tolist()  # (L, 5) on the host
     report = StepReport()
-    for norm, distance, defect, allowed_defect, finite in checks:
+    for norm, distance, defect, retracted, finite in checks:
         reason = ""
         if not finite:
             reason = "non-finite basis"
         elif distance > guard.max_distance:
             reason = f"distance {distance:.3f} from the trained basis over {guard.max_distance}"
-        elif defect > allowed_defect:
-            reason = f"orthogonality defect {defect:.3f} over {allowed_defect:.3f}"
         report.applied.append(not reason and n > 0)
         report.step_norms.append(min(norm, guard.max_step))
         report.distances.append(distance)
         report.defects.append(defect)
+        report.retracted.append(bool(retracted))
         report.reasons.append(reason)
     applied = torch.tensor(report.applied, device=current.device)[:, None, None]
     return torch.where(applied, proposed, current), report

@@ -15,6 +15,7 @@ from .gha import (
     orthonormalize,
     projection_distance,
     projection_distances,
+    retract,
 )
 from .modeling import (
     StarMoeForCausalLM,
@@ -42,6 +43,7 @@ __all__ = [
     "projection_distance",
     "projection_distances",
     "register_auto_classes",
+    "retract",
     "switch_load_balancing_loss",
 ]
 

@@ -66,6 +66,14 @@ def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
     return q.mT
 
 
+def retract(basis: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt of each `basis` (..., E, D) in row order, each row's sign kept: the orthonormal basis
+    nearest to it in Sanger's order (row i moves only within the span of rows 0..i)."""
+    q, r = torch.linalg.qr(basis.detach().mT.to(torch.promote_types(basis.dtype, torch.float32)))  # (..., D, E)
+    signs = torch.diagonal(r, dim1=-2, dim2=-1).sign()
+    return (q * torch.where(signs == 0, 1.0, signs)[..., None, :]).mT
+
+
 def projection_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`||U^T U - V^T V||_F / sqrt(2E)` after orthonormalising, for each pair of bases (..., E, D): 0 for
     equal subspaces, 1 for orthogonal. A float64 tensor of the leading shape."""

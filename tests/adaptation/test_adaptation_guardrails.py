@@ -55,6 +55,25 @@ def test_poisoned_stream_keeps_distance_and_orthogonality_under_their_caps() -> 
         assert orthogonality_defect(current[layer]) <= 0.5 + 1e-6
 
 
+def test_a_step_past_the_orthogonality_tolerance_is_retracted_not_refused() -> None:
+    trained = _trained()
+    # Tokens along one direction shared by rows 0-2: each of them swings towards it, and they lose orthogonality.
+    shared = (trained[:, 0] + trained[:, 1] + trained[:, 2]) / math.sqrt(3)
+    x = 3 * shared[:, None, :].expand(L, 64, D) + 0.01 * torch.randn(L, 64, D)
+    stats = capture(trained, list(x), 0, CaptureConfig(max_token_norm=1e9))
+    loose = Guardrails(max_step=1e9, max_distance=1.0, orthogonality_tolerance=1e9)
+    plain, plain_report = guarded_step(trained, trained, stats, lr=0.1, guard=loose)
+    assert not any(plain_report.retracted)
+    assert min(orthogonality_defect(b) for b in plain) > 0.3
+    guard = Guardrails(max_step=1e9, max_distance=1.0, orthogonality_tolerance=0.1)
+    new, report = guarded_step(trained, trained, stats, lr=0.1, guard=guard)
+    assert report.applied == [True, True] and report.retracted == [True, True]
+    for layer in range(L):
+        assert orthogonality_defect(new[layer]) < 1e-4
+        assert projection_distance(new[layer], plain[layer]) < 1e-4  # the same subspace as the plain step
+        torch.testing.assert_close(new[layer, 0], plain[layer, 0], rtol=0, atol=1e-5)  # row 0 only renormalised
+
+
 def test_load_entropy() -> None:
     assert math.isclose(load_entropy(torch.tensor([5, 5, 5, 5])), math.log(4), rel_tol=1e-6)
     assert load_entropy(torch.tensor([20, 0, 0, 0])) == 0.0

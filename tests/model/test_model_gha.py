@@ -18,6 +18,7 @@ from star_serve.model import (
     orthonormalize,
     projection_distance,
     projection_distances,
+    retract,
 )
 
 D, E = 32, 4
@@ -172,6 +173,19 @@ def test_orthonormalize_and_orthogonality_defect() -> None:
     assert orthogonality_defect(dup) == pytest.approx(math.sqrt(2.0), abs=1e-5)
     # Scaled rows: diagonal entries s^2 - 1.
     assert orthogonality_defect(2.0 * q) == pytest.approx(math.sqrt(E) * 3.0, abs=1e-4)
+
+
+def test_retract_is_gram_schmidt_in_row_order_keeping_signs() -> None:
+    gen = torch.Generator().manual_seed(8)
+    basis = torch.randn(3, E, D, generator=gen)
+    basis[0, 1] = -basis[0, 0] + 0.1 * basis[0, 1]  # nearly anti-parallel rows
+    q = retract(basis)
+    torch.testing.assert_close(q @ q.mT, torch.eye(E).expand(3, E, E), rtol=0, atol=1e-5)
+    for i in range(E):  # row i lies in the span of rows 0..i, on the same side as row i
+        span = orthonormalize(basis[:, : i + 1])
+        torch.testing.assert_close((q[:, i : i + 1] @ span.mT @ span)[:, 0], q[:, i], rtol=0, atol=1e-4)
+        assert bool(((q[:, i] * basis[:, i]).sum(-1) > 0).all())
+    torch.testing.assert_close(retract(q), q, rtol=0, atol=1e-5)
 
 
 def test_explained_variance_extremes() -> None:
