@@ -139,6 +139,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "domains":
         cmd_bench_domains(args, settings)
         return
+    if args.name == "synthetic":
+        cmd_bench_synthetic(args)
+        return
     if args.model is None:
         from .training.demo import ensure_demo_models
 
@@ -196,6 +199,13 @@ def cmd_bench_domains(args: argparse.Namespace, settings: Settings) -> None:
     print((args.out / "domains.md").read_text())
 
 
+def cmd_bench_synthetic(args: argparse.Namespace) -> None:
+    from .bench.synthetic import SyntheticBenchConfig, run_synthetic_bench
+
+    run_synthetic_bench(SyntheticBenchConfig(out_dir=args.out, **_given(args, "seeds", "shifts")))
+    print((args.out / "synthetic.md").read_text())
+
+
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named options that were given on the command line (lists as tuples); the rest keep their defaults."""
     values = {name: getattr(args, name) for name in names}
@@ -243,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
-    bench.add_argument("name", choices=("serving", "adaptation", "calibration", "domains"))
+    bench.add_argument("name", choices=("serving", "adaptation", "calibration", "domains", "synthetic"))
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument(
         "--compare", type=Path, action="append", help="calibration: another checkpoint, measured side by side"
@@ -269,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     adaptation.add_argument("--tenants", type=int, help="tenants of the throughput load (default: 32)")
 
     domains = bench.add_argument_group("domains", "options of `bench domains` (defaults: about 20 minutes on CPU)")
-    domains.add_argument("--seeds", type=int, nargs="+", help="traffic/evaluation splits (default: 0 1 2)")
+    domains.add_argument("--seeds", type=int, nargs="+", help="domains, synthetic: seeds (default: 0 1 2)")
     domains.add_argument("--traffic-tokens", type=int, help="each tenant's traffic (default: 20480)")
+    synthetic = bench.add_argument_group("synthetic", "options of `bench synthetic` (defaults: a few minutes on CPU)")
+    synthetic.add_argument("--shifts", type=float, nargs="+", metavar="T", help="(default: 0.25 0.5 0.75 0.9)")
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the demo models if needed, then generate and classify once"

@@ -2,7 +2,8 @@
 loss on its own domain, through a real server and real HTTP.
 
 One tenant per domain sends a stream of its domain's text (`traffic_tokens`, as completions of one token)
-to a `star-serve serve` process adapting with the product's settings, `STAR_ADAPTATION=async`; once the
+to a `star-serve serve` process adapting with the product's settings, `STAR_ADAPTATION=async` (less the
+rate limit of one step a second, which traffic sent this fast would meet and a tenant's would not); once the
 server has handled what was sent, each tenant's committed bases are read from the server's snapshot store
 and scored on `eval_tokens` of the same domain disjoint from the traffic: mean next-token loss with the
 committed bases minus the loss with the trained ones. Once with the quality gate (the default) and once
@@ -181,7 +182,14 @@ def _run_server(
     state_dir: Path,
     log: Callable[[str], None],
 ) -> tuple[dict[str, float], dict[str, Any], float]:
-    env = {"STAR_ADAPTATION": "async", "STAR_STATE_DIR": str(state_dir), **GATES[gate]}
+    env = {
+        "STAR_ADAPTATION": "async",
+        "STAR_STATE_DIR": str(state_dir),
+        # Traffic that would take a tenant minutes arrives here in seconds: without the rate limit of one
+        # step a second, its statistics make a step per STAR_ADAPTATION_MIN_TOKENS (512) as they would then.
+        "STAR_ADAPTATION_MIN_INTERVAL": "0",
+        **GATES[gate],
+    }
     server = BenchServer(cfg.model, env)
     try:
         started = time.perf_counter()
