@@ -18,13 +18,13 @@ In one run:
     unlabeled corrupted paragraphs go through a real `ClassificationEngine` with the `Adapter` attached;
     then an engine without an adapter measures accuracy on the disjoint evaluation half with the trained
     bases ("frozen") and the tenant's ("adapted"); "warm" as in (a), from a tenant adapted on clean text.
-(c) Cost. Four real servers under the same loads (many tenants, and one), in rotating order:
-    `STAR_ADAPTATION=async` with the product's defaults (every forward captured; on a CPU, in an
-    adaptation process of its own), the same capturing a quarter of the forwards
-    (`STAR_ADAPTATION_SAMPLE_RATE`), the defaults with the adaptation in the serving process
-    (`STAR_ADAPTATION_PROCESS=off`), and `off`; median tokens/s and the ratios to
-    `off`; the median and p99 token-to-commit lag from each async server's histogram, and how many
-    tenants committed a version.
+(c) Cost. Real servers under the same loads (many tenants, and one), in rotating order (COST_SERVERS):
+    `STAR_ADAPTATION=async` with the product's settings (every forward captured; on a CPU, in an
+    adaptation process of its own, which also runs the quality gate), the same without the gate, capturing
+    a quarter of the forwards (`STAR_ADAPTATION_SAMPLE_RATE`), with the adaptation in the serving process
+    (`STAR_ADAPTATION_PROCESS=off`), `shadow` and `off`; median tokens/s and the ratios to `off`; the
+    median and p99 token-to-commit lag from each adapting server's histogram, and how many tenants
+    committed a version.
 
 Settings. (a) takes one GHA step per round, with the product's learning rate (0.05) and step cap (0.05),
 but opens the distance and orthogonality guardrails (1.0 and 1.5 instead of 0.5 and 0.25): V Qᵀ lies
@@ -432,15 +432,22 @@ def _versions(url: str, tenants: int) -> list[int | None]:
     return found
 
 
-# The servers of (c): the product's defaults, the same capturing a quarter of the forwards, the defaults
-# with the adaptation in the serving process (as on a GPU), and off.
+# The servers of (c), each with its label: `async` with the product's settings (the quality gate on), the
+# same without the gate, capturing a quarter of the forwards, with the adaptation in the serving process
+# (as on a GPU), `shadow` (the default: everything but serving the versions), and `off`.
 SAMPLED = 0.25
 COST_SERVERS = {
-    "async": {"STAR_ADAPTATION": "async"},
-    "async_sampled": {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_SAMPLE_RATE": str(SAMPLED)},
-    "async_inline": {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_PROCESS": "off"},
-    "off": {"STAR_ADAPTATION": "off"},
+    "async": ({"STAR_ADAPTATION": "async"}, "`async`, gated"),
+    "async_ungated": ({"STAR_ADAPTATION": "async", "STAR_ADAPTATION_QUALITY_GATE": "false"}, "`async`, no gate"),
+    "async_sampled": (
+        {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_SAMPLE_RATE": str(SAMPLED)},
+        f"`async`, sample rate {SAMPLED:g}",
+    ),
+    "async_inline": ({"STAR_ADAPTATION": "async", "STAR_ADAPTATION_PROCESS": "off"}, "`async` in the serving process"),
+    "shadow": ({"STAR_ADAPTATION": "shadow"}, "`shadow` (default)"),
+    "off": ({"STAR_ADAPTATION": "off"}, "`off`"),
 }
+ADAPTING = [m for m in COST_SERVERS if m != "off"]
 
 
 def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -458,7 +465,7 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="star-bench-") as tmp:
         servers: dict[str, BenchServer] = {}
         try:
-            for mode, env in COST_SERVERS.items():
+            for mode, (env, _) in COST_SERVERS.items():
                 servers[mode] = BenchServer(cfg.lm_dir, {**common, **env, "STAR_STATE_DIR": str(Path(tmp) / mode)})
                 asyncio.run(_tenant_clients(servers[mode].url, prompts[: cfg.concurrency], cfg.tenants, cfg))  # warm-up
             for r in range(cfg.repeats):
@@ -468,12 +475,8 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
                         tokens = asyncio.run(_tenant_clients(servers[mode].url, prompts, n, cfg))
                         runs[n][mode].append(tokens / (time.perf_counter() - started))
                     log(f"  repeat {r + 1}, {n} tenant(s): " + ", ".join(f"{m} {runs[n][m][-1]:.0f}" for m in modes))
-            versions = {m: _versions(servers[m].url, cfg.tenants) for m in modes if m != "off"}
-            lag = {
-                m: lag_quantiles(httpx.get(f"{servers[m].url}/metrics", timeout=10).text, "bench")
-                for m in modes
-                if m != "off"
-            }
+            versions = {m: _versions(servers[m].url, cfg.tenants) for m in ADAPTING}
+            lag = {m: lag_quantiles(httpx.get(f"{servers[m].url}/metrics", timeout=10).text, "bench") for m in ADAPTING}
         finally:
             for server in servers.values():
                 server.close()
@@ -482,11 +485,8 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
         median = {m: statistics.median(runs[n][m]) for m in modes}
         results["loads"][str(n)] = {
             **{m: {"median_tokens_per_s": median[m], "runs": runs[n][m]} for m in modes},
-            "ratio_on_off": paired_ratio(runs[n]["async"], runs[n]["off"]),
-            "ratio_sampled_off": paired_ratio(runs[n]["async_sampled"], runs[n]["off"]),
-            "ratio_inline_off": paired_ratio(runs[n]["async_inline"], runs[n]["off"]),
+            "ratios_to_off": {m: paired_ratio(runs[n][m], runs[n]["off"]) for m in ADAPTING},
         }
-    results["ratio_on_off"] = results["loads"][str(cfg.tenants)]["ratio_on_off"]
     results["tenant_versions_after"] = versions
     results["token_to_commit_lag_s"] = lag
     return results
@@ -654,29 +654,31 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         "",
         "### (c) Cost: server throughput, adaptation on vs off",
         "",
-        f"| load | `async` (default, sample rate {c['sample_rates'][0]:g}) tokens/s | `async`, sample rate "
-        f"{c['sample_rates'][1]:g} | `async` in the serving process | `off` | ratio default/off (target ≥ "
-        "0.95) | sampled/off | in the serving process/off |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| load | "
+        + " | ".join(f"{label} tokens/s" for _, label in COST_SERVERS.values())
+        + " | "
+        + " | ".join(f"{COST_SERVERS[m][1]} / `off`" for m in ADAPTING)
+        + " |",
+        "|---|" + "---:|" * (len(COST_SERVERS) + len(ADAPTING)),
     ]
     for n, load in c["loads"].items():
         speeds = " | ".join(f"{load[m]['median_tokens_per_s']:.0f}" for m in COST_SERVERS)
-        ratios = f"**{load['ratio_on_off']:.2f}** | {load['ratio_sampled_off']:.2f} | {load['ratio_inline_off']:.2f}"
+        ratios = " | ".join(f"{load['ratios_to_off'][m]:.2f}" for m in ADAPTING)
         lines.append(f"| {n} tenant{'s' if n != '1' else ''} | {speeds} | {ratios} |")
     lines.append("")
-    for mode, label in (("async", "the default server"), ("async_sampled", "the sampled server")):
+    for mode in ADAPTING:
         lag = c["token_to_commit_lag_s"][mode]
         seconds = " / ".join("n/a" if lag[q] is None else f"{lag[q]:.2f} s" for q in ("median", "p99"))
         versions = [v for v in c["tenant_versions_after"][mode] if v is not None]
         lines.append(
-            f"Token-to-commit lag, median / p99 over {label}'s {lag['commits']} commits: **{seconds}**; "
-            f"{sum(v > 0 for v in versions)} of its {len(versions)} tenants committed a version."
+            f"{COST_SERVERS[mode][1]}: token-to-commit lag, median / p99 over {lag['commits']} commits, "
+            f"**{seconds}**; {sum(v > 0 for v in versions)} of {len(versions)} tenants committed a version."
         )
     lines += [
         "",
         "Lags from each server's `star_adaptation_lag_seconds` histogram, interpolated within buckets as "
         f"`histogram_quantile`. {cfg.requests} requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`) from "
-        f"{cfg.concurrency} concurrent clients, request i as tenant i mod the load's tenants; the four servers "
+        f"{cfg.concurrency} concurrent clients, request i as tenant i mod the load's tenants; the servers "
         f"side by side, in an order rotated every repeat; tokens/s are medians of {cfg.repeats} runs, ratios "
         "medians of each repeat's ratio.",
     ]
