@@ -4,6 +4,7 @@ tenants stay isolated, settings and state survive a kill -9, and reset and rollb
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from pathlib import Path
@@ -16,7 +17,13 @@ from star_serve.adaptation.store import LocalDirStore
 from .support import LM_NAME, Launcher, Server, wait_until
 
 PROMPT = "the quick brown fox jumps over the lazy dog and then the"
-ENV = {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_MIN_TOKENS": "16", "STAR_ADAPTATION_LEARNING_RATE": "0.2"}
+# The pipeline's mechanics, every step committed; the quality gate has a test of its own below.
+ENV = {
+    "STAR_ADAPTATION": "async",
+    "STAR_ADAPTATION_QUALITY_GATE": "false",
+    "STAR_ADAPTATION_MIN_TOKENS": "16",
+    "STAR_ADAPTATION_LEARNING_RATE": "0.2",
+}
 
 
 def _complete(server: Server, tenant: str, max_tokens: int = 8) -> dict:
@@ -80,8 +87,8 @@ def test_traffic_commits_versions_for_its_tenant_only(launch: Launcher, where: s
     assert not list((server.state_dir / "snapshots" / LM_NAME / "bystander").glob("*.safetensors"))
 
 
-def test_the_default_shadow_mode_versions_a_tenant_but_serves_the_trained_bases(launch: Launcher) -> None:
-    server = launch(env={k: v for k, v in ENV.items() if k != "STAR_ADAPTATION"})  # the default mode
+def test_shadow_mode_versions_a_tenant_but_serves_the_trained_bases(launch: Launcher) -> None:
+    server = launch(env={**ENV, "STAR_ADAPTATION": "shadow"})
     first = _complete(server, "shadowed")
     _adapt(server, "shadowed", versions=2)
     shadowed = _subspace(server, "shadowed")
@@ -90,6 +97,35 @@ def test_the_default_shadow_mode_versions_a_tenant_but_serves_the_trained_bases(
     again = _complete(server, "shadowed")
     assert again["star"]["subspace_version"] == 0  # what served it: the trained bases
     assert again["choices"] == first["choices"]
+
+
+def test_the_quality_gate_judges_a_tenant_candidates_on_its_held_back_prompts(launch: Launcher) -> None:
+    server = launch(env={**ENV, "STAR_ADAPTATION_QUALITY_GATE": "true"})  # the default
+    words = PROMPT.split()
+    sent = 0
+
+    def judged() -> bool:
+        nonlocal sent
+        prompt = " ".join(words[(sent + i) % len(words)] for i in range(300))  # a different text each time
+        body = {"model": LM_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+        assert server.http.post("/v1/completions", json=body, headers={"X-Tenant": "judged"}).status_code == 200
+        sent += 1
+        return _subspace(server, "judged").get("quality") is not None
+
+    wait_until(judged, timeout=90, what="a verdict of the quality gate")
+    state = _subspace(server, "judged")
+    verdict = state["quality"]
+    assert verdict["held_back_tokens"] >= 256  # QualityConfig.min_sample_tokens
+    scores = [verdict[k] for k in ("candidate", "current", "trained")]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in scores)
+    best = min(verdict["current"], verdict["trained"])  # STAR_ADAPTATION_MAX_LOSS_INCREASE is 0
+    assert verdict["accepted"] == (verdict["candidate"] <= best + 1e-9)
+    if not verdict["accepted"]:
+        assert verdict["reason"]
+    applied = server.metric("star_adaptation_batches_total", outcome="applied")
+    refused = server.metric("star_adaptation_batches_total", outcome="refused_quality")
+    assert applied + refused >= 1
+    assert (state["version"] >= 1) == (applied >= 1)
 
 
 def test_a_first_seen_tenant_while_the_adaptation_process_restarts_gets_200_or_503(launch: Launcher) -> None:

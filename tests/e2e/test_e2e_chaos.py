@@ -23,6 +23,7 @@ pytestmark = pytest.mark.chaos
 TENANTS = ("north", "south", "east", "west")
 ADAPTING = {
     "STAR_ADAPTATION": "async",
+    "STAR_ADAPTATION_QUALITY_GATE": "false",  # commits every step: this tests the pipeline
     "STAR_ADAPTATION_MIN_TOKENS": "16",
     "STAR_ADAPTATION_LEARNING_RATE": "0.2",
     "STAR_SNAPSHOT_KEEP": "1000",

@@ -92,6 +92,7 @@ class Prometheus:
 def prometheus_and_server(launch: Launcher, tmp_path: Path) -> Iterator[tuple[Prometheus, Server]]:
     env = {
         "STAR_ADAPTATION": "async",
+        "STAR_ADAPTATION_QUALITY_GATE": "false",  # commits every step: this tests the pipeline
         "STAR_ADAPTATION_MIN_TOKENS": "16",
         "STAR_METRICS_TOP_TENANTS": str(TOP_TENANTS),
     }
@@ -146,7 +147,9 @@ def test_dashboard_and_alert_queries_return_data(prometheus_and_server: tuple[Pr
 
 
 def test_every_metric_named_by_the_dashboard_and_alerts_is_exported(launch: Launcher) -> None:
-    server = launch(env={"STAR_ADAPTATION": "async", "STAR_ADAPTATION_MIN_TOKENS": "16"})
+    server = launch(
+        env={"STAR_ADAPTATION": "async", "STAR_ADAPTATION_QUALITY_GATE": "false", "STAR_ADAPTATION_MIN_TOKENS": "16"}
+    )
     asyncio.run(_mixed_traffic(server, tenants=2))
     named = set(re.findall(r"\bstar_[a-z_]+", DASHBOARD.read_text() + ALERTS.read_text()))
     missing, deadline = named, time.monotonic() + 15

@@ -27,6 +27,7 @@ def test_serving_survives_a_redis_outage(launch: Launcher, own_redis: RedisProce
     env = {
         "STAR_REDIS_URL": own_redis.url,
         "STAR_ADAPTATION": "async",
+        "STAR_ADAPTATION_QUALITY_GATE": "false",  # commits every step: this tests the pipeline
         "STAR_ADAPTATION_MIN_TOKENS": "16",
         "STAR_ADAPTATION_LEARNING_RATE": "0.2",
     }

@@ -36,6 +36,7 @@ def test_replicas_share_versions_through_redis(launch: Launcher, redis_url: str)
     env = {
         "STAR_REDIS_URL": redis_url,
         "STAR_ADAPTATION": "async",
+        "STAR_ADAPTATION_QUALITY_GATE": "false",  # commits every step: this tests the pipeline
         "STAR_ADAPTATION_MIN_TOKENS": "16",
         "STAR_ADAPTATION_LEARNING_RATE": "0.2",
     }
