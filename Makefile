@@ -55,6 +55,10 @@ bench-adaptation: setup
 bench-domains: setup
 	$(BIN)/star-serve bench domains --out bench-results
 
+.PHONY: bench-synthetic
+bench-synthetic: setup
+	$(BIN)/star-serve bench synthetic --out bench-results
+
 lint: setup
 	$(BIN)/ruff check star_serve tests
 	$(BIN)/ruff format --check star_serve tests

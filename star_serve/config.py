@@ -50,10 +50,10 @@ class Settings(BaseSettings):
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
     )
     adaptation: Literal["async", "sync", "shadow", "off"] = Field(
-        "shadow",
-        description="Per-tenant test-time subspace adaptation: `async` by a background worker, `sync` before "
-        "routing each batch (STAR.md), `shadow` (the default: adapted and versioned as in `async`, but every "
-        "tenant is served the trained bases; measured, adaptation raised tenants' loss), or `off`.",
+        "async",
+        description="Per-tenant test-time subspace adaptation: `async` (the default) by a background worker, "
+        "behind the quality gate; `sync` before routing each batch (STAR.md); `shadow` (adapted, gated and "
+        "versioned as in `async`, but every tenant is served the trained bases); or `off`.",
     )
     adaptation_process: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -432,19 +432,19 @@ def _versions(url: str, tenants: int) -> list[int | None]:
     return found
 
 
-# The servers of (c), each with its label: `async` with the product's settings (the quality gate on), the
+# The servers of (c), each with its label: `async` with the product's defaults (the quality gate on), the
 # same without the gate, capturing a quarter of the forwards, with the adaptation in the serving process
-# (as on a GPU), `shadow` (the default: everything but serving the versions), and `off`.
+# (as on a GPU), `shadow` (everything but serving the versions), and `off`.
 SAMPLED = 0.25
 COST_SERVERS = {
-    "async": ({"STAR_ADAPTATION": "async"}, "`async`, gated"),
+    "async": ({"STAR_ADAPTATION": "async"}, "`async`, gated (default)"),
     "async_ungated": ({"STAR_ADAPTATION": "async", "STAR_ADAPTATION_QUALITY_GATE": "false"}, "`async`, no gate"),
     "async_sampled": (
         {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_SAMPLE_RATE": str(SAMPLED)},
         f"`async`, sample rate {SAMPLED:g}",
     ),
     "async_inline": ({"STAR_ADAPTATION": "async", "STAR_ADAPTATION_PROCESS": "off"}, "`async` in the serving process"),
-    "shadow": ({"STAR_ADAPTATION": "shadow"}, "`shadow` (default)"),
+    "shadow": ({"STAR_ADAPTATION": "shadow"}, "`shadow`"),
     "off": ({"STAR_ADAPTATION": "off"}, "`off`"),
 }
 ADAPTING = [m for m in COST_SERVERS if m != "off"]
