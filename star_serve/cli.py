@@ -278,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     adaptation.add_argument("--passes", type=int, help="passes over each corrupted tenant's traffic (default: 2)")
     adaptation.add_argument("--tenants", type=int, help="tenants of the throughput load (default: 32)")
 
-    domains = bench.add_argument_group("domains", "options of `bench domains` (defaults: about 20 minutes on CPU)")
+    domains = bench.add_argument_group("domains", "options of `bench domains` (defaults: about 5 minutes on CPU)")
     domains.add_argument("--seeds", type=int, nargs="+", help="domains, synthetic: seeds (default: 0 1 2)")
     domains.add_argument("--traffic-tokens", type=int, help="each tenant's traffic (default: 20480)")
     synthetic = bench.add_argument_group("synthetic", "options of `bench synthetic` (defaults: a few minutes on CPU)")
