@@ -17,6 +17,7 @@ be zero.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -31,7 +32,7 @@ import torch
 from ..config import Settings
 from ..model import StarMoePreTrainedModel
 from ..model.loading import load_model
-from ..model.scoring import score_sequences
+from ..model.scoring import sequence_scores
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,9 @@ class TokenSamples:
 
     def __init__(self, max_tokens: int, max_tenants: int) -> None:
         self.max_tokens, self.max_tenants = max_tokens, max_tenants
-        self._samples: OrderedDict[str, deque[torch.Tensor]] = OrderedDict()
+        self._samples: OrderedDict[str, deque[tuple[int, torch.Tensor]]] = OrderedDict()
         self._tokens: dict[str, int] = {}
+        self._next_key = 0  # each sequence's key, never reused: what a score of it is cached under
         self._lock = threading.Lock()
 
     def add(self, tenant: str, sequences: list[torch.Tensor]) -> None:
@@ -77,15 +79,20 @@ class TokenSamples:
             sample = self._samples.setdefault(tenant, deque())
             self._samples.move_to_end(tenant)
             for seq in sequences:
-                sample.append(seq)
+                sample.append((self._next_key, seq))
+                self._next_key += 1
                 self._tokens[tenant] = self._tokens.get(tenant, 0) + len(seq)
             while self._tokens[tenant] > self.max_tokens and len(sample) > 1:
-                self._tokens[tenant] -= len(sample.popleft())
+                self._tokens[tenant] -= len(sample.popleft()[1])
             while len(self._samples) > self.max_tenants:
                 gone, _ = self._samples.popitem(last=False)
                 del self._tokens[gone]
 
     def get(self, tenant: str) -> list[torch.Tensor]:
+        return [seq for _, seq in self.keyed(tenant)]
+
+    def keyed(self, tenant: str) -> list[tuple[int, torch.Tensor]]:
+        """The tenant's sequences, oldest first, each with its key."""
         with self._lock:
             return list(self._samples.get(tenant, ()))
 
@@ -93,7 +100,7 @@ class TokenSamples:
         """The tenant's sequences, removed."""
         with self._lock:
             self._tokens.pop(tenant, None)
-            return list(self._samples.pop(tenant, ()))
+            return [seq for _, seq in self._samples.pop(tenant, ())]
 
     def tokens(self, tenant: str) -> int:
         with self._lock:
@@ -132,8 +139,9 @@ class HoldBack:
         return self.waiting.take(tenant)
 
 
-# Scores every row of a bank (T, L, E, D) on the sequences: lower is better (`model.scoring`).
-Scorer = Callable[[list[torch.Tensor], torch.Tensor], list[float]]
+# Scores every row of a bank (T, L, E, D) on each sequence: summed scores (T, N) and what they sum over (N,),
+# lower is better (`model.scoring.sequence_scores`).
+Scorer = Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,11 @@ class QualityGate:
     def __init__(self, scorer: Scorer, config: QualityConfig) -> None:
         self.scorer, self.config = scorer, config
         self.samples = TokenSamples(config.holdback_tokens, config.max_tenants)
+        # Per tenant, the per-sequence scores of the bases it was last judged with (by a digest of the bases,
+        # then by sequence key): a tenant's current and trained bases rarely change between its steps, so
+        # only its newly held-back sequences need them, and only the candidate is scored on the whole sample.
+        self._scores: OrderedDict[str, dict[bytes, dict[int, tuple[float, float]]]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def receive(self, tenant: str, sequences: list[torch.Tensor]) -> None:
         """Adds held-back prompts of `tenant` (from any replica) to its sample."""
@@ -189,19 +202,55 @@ class QualityGate:
     ) -> Verdict:
         """Accepts `candidate` when its score on the tenant's sample is at most the better of the current
         and the trained bases' plus `max_loss_increase`. Blocking: run it off the event loop."""
-        sample = self.samples.get(tenant)
-        tokens = sum(len(s) for s in sample)
+        sample = self.samples.keyed(tenant)
+        tokens = sum(len(s) for _, s in sample)
         if tokens < self.config.min_sample_tokens:
             reason = f"{tokens} held-back tokens, fewer than the {self.config.min_sample_tokens} that judge a step"
             return Verdict(False, tokens, reason=reason)
-        same = torch.equal(current, trained)
-        rows = torch.stack([candidate, current] if same else [candidate, current, trained])
-        scores = self.scorer([s.long() for s in sample], rows.float())
-        score, now = scores[0], scores[1]
-        before = now if same else scores[2]
+        score, now, before = self._score(tenant, sample, [candidate, current, trained])
         accepted = score <= min(now, before) + self.config.max_loss_increase
         reason = "" if accepted else f"held-back score {score:.4f} against {min(now, before):.4f}"
         return Verdict(accepted, tokens, score, now, before, reason)
+
+    def _score(self, tenant: str, sample: list[tuple[int, torch.Tensor]], bases: list[torch.Tensor]) -> list[float]:
+        """Each of `bases`' score on `sample`, scoring only what is not cached: bases whose sequences miss
+        the same scores go through the model together, one batched pass per such group."""
+        digests = [_digest(b) for b in bases]
+        with self._lock:
+            cached = self._scores.pop(tenant, {})
+        keys = [k for k, _ in sample]
+        unique = dict(zip(digests, bases, strict=True))
+        groups: dict[tuple[int, ...], list[bytes]] = {}
+        for digest in unique:
+            mine = cached.get(digest, {})
+            groups.setdefault(tuple(k for k in keys if k not in mine), []).append(digest)
+        by_key = dict(sample)
+        for missing, members in groups.items():
+            if not missing:
+                continue
+            totals, counts = self.scorer([by_key[k].long() for k in missing], torch.stack([unique[d] for d in members]))
+            for row, digest in enumerate(members):
+                scores = cached.setdefault(digest, {})
+                for i, key in enumerate(missing):
+                    scores[key] = (float(totals[row, i]), float(counts[i]))
+        kept = set(keys)
+        # The bases of this judgement stay cached (the candidate may be the next current), none else.
+        fresh = {d: {k: v for k, v in cached[d].items() if k in kept} for d in unique}
+        with self._lock:
+            self._scores[tenant] = fresh
+            while len(self._scores) > self.config.max_tenants:
+                self._scores.popitem(last=False)
+        results = []
+        for digest in digests:
+            total = sum(fresh[digest][k][0] for k in keys)
+            count = sum(fresh[digest][k][1] for k in keys)
+            results.append(total / max(count, 1.0))
+        return results
+
+
+def _digest(bases: torch.Tensor) -> bytes:
+    """A digest of a basis stack's values: equal bases share their cached scores."""
+    return hashlib.blake2b(bases.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -222,10 +271,10 @@ def model_scorer(model: StarMoePreTrainedModel) -> Scorer:
     device = next(model.parameters()).device
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def score(sequences: list[torch.Tensor], bank: torch.Tensor) -> list[float]:
+    def score(sequences: list[torch.Tensor], bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if stream is None:
-            return score_sequences(model, sequences, bank)
+            return sequence_scores(model, sequences, bank)
         with torch.cuda.stream(stream):
-            return score_sequences(model, sequences, bank)
+            return sequence_scores(model, sequences, bank)
 
     return score

@@ -13,7 +13,6 @@ from .modeling import StarMoeForCausalLM, StarMoeForSequenceClassification, Star
 BATCH_TOKENS = 8192  # padded tokens per forward at most
 
 
-@torch.inference_mode()
 def score_sequences(
     model: StarMoePreTrainedModel,
     sequences: list[torch.Tensor],  # each (S_i,) token ids
@@ -21,14 +20,29 @@ def score_sequences(
 ) -> list[float]:
     """Each bank row's score on `sequences`: mean next-token loss (nats/token) for a causal LM, mean
     predictive entropy (nats/sequence) for a classifier. Lower is better for both."""
+    totals, counts = sequence_scores(model, sequences, bank)
+    return (totals.sum(1) / counts.sum().clamp_min(1)).tolist()
+
+
+@torch.inference_mode()
+def sequence_scores(
+    model: StarMoePreTrainedModel,
+    sequences: list[torch.Tensor],  # each (S_i,) token ids
+    bank: torch.Tensor,  # (T, L, E, D)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and sequence, in the order given: the summed score (T, N) float64 (next-token losses, or a
+    classifier's predictive entropy) and what it sums over (N,) (predicted tokens, or 1), so that scores of
+    different sequences add up."""
     if not sequences:
         raise ValueError("no sequences to score")
     device = next(model.parameters()).device
     rows = bank.shape[0]
     bank = bank.to(device, model.dtype)
-    total, count = torch.zeros(rows, dtype=torch.float64), 0
-    for chunk in _chunks(sorted(sequences, key=len), BATCH_TOKENS // rows):
-        ids, mask = _padded(chunk, device)  # (B, S)
+    totals = torch.zeros(rows, len(sequences), dtype=torch.float64)
+    counts = torch.zeros(len(sequences), dtype=torch.float64)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for chunk in _chunks(order, [len(s) for s in sequences], BATCH_TOKENS // rows):
+        ids, mask = _padded([sequences[i] for i in chunk], device)  # (B, S)
         b = ids.shape[0]
         tenant = torch.arange(rows, device=device).repeat_interleave(b)  # (T*B,): every row on every sequence
         ids, mask = ids.repeat(rows, 1), mask.repeat(rows, 1)
@@ -36,24 +50,24 @@ def score_sequences(
             logits = model(input_ids=ids, attention_mask=mask, router_bank=bank, tenant_index=tenant).logits
             losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             losses = (losses * mask[:, 1:]).sum(1)  # (T*B,)
-            count += int(mask[:b, 1:].sum())
+            counts[chunk] = mask[:b, 1:].sum(1).double().cpu()
         elif isinstance(model, StarMoeForSequenceClassification):
             logits = model(input_ids=ids, attention_mask=mask, router_bank=bank, tenant_index=tenant).logits
             losses = torch.special.entr(logits.float().softmax(-1)).sum(-1)  # (T*B,) predictive entropy
-            count += b
+            counts[chunk] = 1.0
         else:
             raise TypeError(f"cannot score a {type(model).__name__}")
-        total += losses.view(rows, b).sum(1).double().cpu()
-    return (total / max(count, 1)).tolist()
+        totals[:, chunk] = losses.view(rows, b).double().cpu()
+    return totals, counts
 
 
-def _chunks(sequences: list[torch.Tensor], tokens: int) -> list[list[torch.Tensor]]:
-    """Sequences (sorted by length) in groups of at most `tokens` padded tokens (at least one each)."""
-    chunks: list[list[torch.Tensor]] = [[]]
-    for seq in sequences:
-        if chunks[-1] and (len(chunks[-1]) + 1) * len(seq) > tokens:
+def _chunks(order: list[int], lengths: list[int], tokens: int) -> list[list[int]]:
+    """The sequences' indices (`order`, by length) in groups of at most `tokens` padded tokens (at least one)."""
+    chunks: list[list[int]] = [[]]
+    for i in order:
+        if chunks[-1] and (len(chunks[-1]) + 1) * lengths[i] > tokens:
             chunks.append([])
-        chunks[-1].append(seq)
+        chunks[-1].append(i)
     return chunks
 
 

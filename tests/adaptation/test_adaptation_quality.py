@@ -92,12 +92,41 @@ def _gate(model: StarMoeForCausalLM, **overrides: float) -> QualityGate:
     return gate
 
 
+def test_the_gate_scores_only_what_it_has_not_scored_and_agrees_with_scoring_everything(
+    lm: StarMoeForCausalLM,
+) -> None:
+    trained = lm.trained_bases()
+    gate = _gate(lm)
+    calls: list[tuple[int, int]] = []  # (rows, sequences) of each pass through the model
+    scorer = gate.scorer
+
+    def counted(sequences: list[torch.Tensor], bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((bank.shape[0], len(sequences)))
+        return scorer(sequences, bank)
+
+    gate.scorer = counted
+    first, second = _moved(trained, 2), _moved(trained, 3)
+    verdict = gate.judge("acme", first, trained, trained)
+    n = len(gate.samples.get("acme"))
+    assert calls == [(2, n)]  # the current bases are the trained ones: two distinct rows
+    calls.clear()
+    again = gate.judge("acme", second, trained, trained)
+    assert calls == [(1, n)]  # only the new candidate; the trained bases' scores were cached
+    expected = score_sequences(lm, gate.samples.get("acme"), torch.stack([second, trained]))
+    assert again.candidate == pytest.approx(expected[0], abs=1e-5)
+    assert again.trained == pytest.approx(expected[1], abs=1e-5) and verdict.trained == again.trained
+    calls.clear()
+    gate.receive("acme", [torch.arange(40) % 50])
+    gate.judge("acme", second, trained, trained)
+    assert calls == [(2, 1)]  # both rows cached: only the new sequence is scored
+
+
 def test_the_gate_refuses_a_worse_candidate_and_accepts_a_better_one(lm: StarMoeForCausalLM) -> None:
     model = lm
     trained = model.trained_bases()
     a, b = _moved(trained, 2), _moved(trained, 3)
     gate = _gate(model)
-    scores = model_scorer(model)([s for s in gate.samples.get("acme")], torch.stack([a, b, trained]))
+    scores = score_sequences(model, gate.samples.get("acme"), torch.stack([a, b, trained]))
     worse, better = (a, b) if scores[0] > scores[1] else (b, a)
     best_known = min(scores[:2])
 
@@ -263,7 +292,8 @@ def test_a_tenant_whose_committed_version_scores_worse_than_the_trained_bases_ro
     trained = model.trained_bases()
     prompts = _sequences(60)
     held = sum(len(s) for s in prompts[:30])
-    scores = model_scorer(model)(prompts[:30], torch.stack([_moved(trained, s) for s in range(2, 12)] + [trained]))
+    bank = torch.stack([_moved(trained, s) for s in range(2, 12)] + [trained])
+    scores = score_sequences(model, prompts[:30], bank)
     seed = 2 + max(range(10), key=lambda i: scores[i])
     bad = _moved(trained, seed)  # the worst of ten
     gap = scores[seed - 2] - scores[-1]
