@@ -184,9 +184,10 @@ class QualityGate:
         self.scorer, self.config = scorer, config
         self.samples = TokenSamples(config.holdback_tokens, config.max_tenants)
         # Per tenant, the per-sequence scores of the bases it was last judged with (by a digest of the bases,
-        # then by sequence key): a tenant's current and trained bases rarely change between its steps, so
-        # only its newly held-back sequences need them, and only the candidate is scored on the whole sample.
-        self._scores: OrderedDict[str, dict[bytes, dict[int, tuple[float, float]]]] = OrderedDict()
+        # then by sequence key), and what each sequence's score sums over: a tenant's current and trained
+        # bases rarely change between its steps, so only its newly held-back sequences need them, and only
+        # the candidate is scored on the whole sample.
+        self._scores: OrderedDict[str, tuple[dict[int, float], dict[bytes, dict[int, float]]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def receive(self, tenant: str, sequences: list[torch.Tensor]) -> None:
@@ -217,7 +218,7 @@ class QualityGate:
         the same scores go through the model together, one batched pass per such group."""
         digests = [_digest(b) for b in bases]
         with self._lock:
-            cached = self._scores.pop(tenant, {})
+            counts, cached = self._scores.pop(tenant, ({}, {}))
         keys = [k for k, _ in sample]
         unique = dict(zip(digests, bases, strict=True))
         groups: dict[tuple[int, ...], list[bytes]] = {}
@@ -228,24 +229,21 @@ class QualityGate:
         for missing, members in groups.items():
             if not missing:
                 continue
-            totals, counts = self.scorer([by_key[k].long() for k in missing], torch.stack([unique[d] for d in members]))
+            totals, sums_over = self.scorer(
+                [by_key[k].long() for k in missing], torch.stack([unique[d] for d in members])
+            )
+            counts.update(zip(missing, sums_over.tolist(), strict=True))
             for row, digest in enumerate(members):
-                scores = cached.setdefault(digest, {})
-                for i, key in enumerate(missing):
-                    scores[key] = (float(totals[row, i]), float(counts[i]))
-        kept = set(keys)
+                cached.setdefault(digest, {}).update(zip(missing, totals[row].tolist(), strict=True))
         # The bases of this judgement stay cached (the candidate may be the next current), none else.
-        fresh = {d: {k: v for k, v in cached[d].items() if k in kept} for d in unique}
+        fresh = {d: {k: cached[d][k] for k in keys} for d in unique}
+        counts = {k: counts[k] for k in keys}
         with self._lock:
-            self._scores[tenant] = fresh
+            self._scores[tenant] = (counts, fresh)
             while len(self._scores) > self.config.max_tenants:
                 self._scores.popitem(last=False)
-        results = []
-        for digest in digests:
-            total = sum(fresh[digest][k][0] for k in keys)
-            count = sum(fresh[digest][k][1] for k in keys)
-            results.append(total / max(count, 1.0))
-        return results
+        count = max(sum(counts.values()), 1.0)
+        return [sum(fresh[d].values()) / count for d in digests]
 
 
 def _digest(bases: torch.Tensor) -> bytes:

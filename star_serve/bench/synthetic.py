@@ -45,6 +45,7 @@ from ..adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
 from ..model.configuration import StarMoeConfig
 from ..model.moe import MoeOutput, StarMoeSparseBlock
 from ..model.router import switch_load_balancing_loss
+from .adaptation import _tenant_bases
 from .report import write_report
 
 ROUTERS = ("star", "star_gha_only", "linear")
@@ -177,16 +178,12 @@ async def adapt(model: SyntheticClassifier, traffic: torch.Tensor, store_dir: Pa
     try:
         await adapter.describe("shifted")  # loads the tenant (version 0) before its first inputs
         for start in range(0, traffic.shape[0], chunk):
-            view = bank.lookup(["shifted"])
-            assert view.bank is not None and view.index is not None
-            bases, version = view.bank[view.index[0]], view.versions[0]
+            bases, version = _tenant_bases(bank, "shifted")
             piece = traffic[start : start + chunk]
             load = torch.bincount(model.experts_of(piece, bases[0]), minlength=trained.shape[1])
             adapter.observe("shifted", version, bases, [piece], load[None])
             await adapter.flush()
-        view = bank.lookup(["shifted"])
-        assert view.bank is not None and view.index is not None
-        return view.bank[view.index[0], 0].clone()
+        return _tenant_bases(bank, "shifted")[0][0].clone()
     finally:
         await adapter.stop()
 
