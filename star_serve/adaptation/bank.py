@@ -13,37 +13,23 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .sync import SyncUpdate
+from ..model import Routing
 
 
 @dataclass(frozen=True)
 class RoutingPlan:
-    """How one forward routes, decided once, by the bank: the stacked bases (T, L, E, D), each sequence's
-    index into them (B,) and versions, each sequence's row of the whole bank (0: the trained bases), the
-    gates folded from the rows ((B, L, E, D) per sequence, or (1, L, E, D) when the batch has a single
-    row), and in sync mode the update that moves the batch's rows in place before each layer routes (the
-    forward then routes from the bases, not from gates folded before the update)."""
+    """How one forward routes, decided once, by the bank: the model's `routing` (the stacked bases, each
+    sequence's index into them, the gates folded from the rows, and in sync mode the update that moves the
+    batch's rows in place before each layer routes), and each sequence's version and row of the whole bank
+    (0: the trained bases), which the capture of the forward's statistics reads."""
 
-    bank: torch.Tensor | None
-    index: torch.Tensor | None
+    routing: Routing
     versions: list[int]
     rows: list[int]
-    gates: torch.Tensor | None = None
-    update: SyncUpdate | None = None
-
-    def model_inputs(self) -> dict[str, Any]:
-        """The plan as the model's routing arguments."""
-        return {
-            "router_bank": self.bank,
-            "tenant_index": self.index,
-            "router_gates": self.gates,
-            "router_update": self.update,
-        }
 
 
 class BatchRouter(Protocol):
@@ -137,7 +123,7 @@ class TenantBank:
         may rewrite the batch's bases in place (sync mode): it gets no gates, and the rows' gates are folded
         again at the next lookup. Engine thread only."""
         if self._stack is None:
-            return RoutingPlan(None, None, [0] * len(tenants), [0] * len(tenants))
+            return RoutingPlan(Routing(), [0] * len(tenants), [0] * len(tenants))
         self._apply_pending()
         for tenant in own:
             if tenant not in self._rows:
@@ -161,8 +147,8 @@ class TenantBank:
             bank = self._stack[: self._used]
         if in_place:
             self._unfolded.update(rows)
-            return RoutingPlan(bank, index, versions, rows)
-        return RoutingPlan(bank, index, versions, rows, self._gates_of(rows, index, single))
+            return RoutingPlan(Routing(bank, index), versions, rows)
+        return RoutingPlan(Routing(bank, index, self._gates_of(rows, index, single)), versions, rows)
 
     def _gates_of(self, rows: list[int], index: torch.Tensor, single: bool) -> torch.Tensor | None:
         """The batch's gates: a single row's (1, L, E, D), or each sequence's (B, L, E, D), gathered again

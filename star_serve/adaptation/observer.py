@@ -17,6 +17,7 @@ import torch
 from .bank import RoutingPlan, TenantBank
 from .capture import CaptureConfig
 from .forwards import Forward, capture_batch, synced
+from .sync import SyncUpdate
 from .worker import Adapter
 
 
@@ -94,7 +95,7 @@ class Observer:
     def submit(
         self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
     ) -> None:
-        if plan.bank is None or not self._sampler.keep():
+        if plan.routing.bank is None or not self._sampler.keep():
             return
         forward = Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices, ids)
         tokens = sum(lengths)
@@ -139,10 +140,11 @@ class SyncObserver:
     def submit(
         self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
     ) -> None:
-        if plan.bank is None:
+        if plan.routing.bank is None:
             return
         forward = Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices)
-        synced(self.adapter, forward, self.num_experts, plan.update)
+        update = plan.routing.update
+        synced(self.adapter, forward, self.num_experts, update if isinstance(update, SyncUpdate) else None)
 
     def close(self) -> None:
         pass
@@ -158,4 +160,5 @@ class SyncRouting:
     def plan(self, tenants: Sequence[str], lengths: Sequence[int]) -> RoutingPlan:
         names = list(tenants)
         plan = self.bank.lookup(names, own=self.adapter.adapting(names), in_place=True)
-        return replace(plan, update=self.adapter.sync_update(plan, names, list(lengths)))
+        update = self.adapter.sync_update(plan, names, list(lengths))
+        return replace(plan, routing=replace(plan.routing, update=update))

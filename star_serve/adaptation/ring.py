@@ -87,7 +87,7 @@ class ProcessObserver:
     def submit(
         self, tenants: list[str], lengths: list[int], plan: RoutingPlan, out: Any, ids: torch.Tensor | None = None
     ) -> None:
-        if plan.bank is None or not self._sampler.keep():
+        if plan.routing.bank is None or not self._sampler.keep():
             return
         with self._lock:
             self._send(Forward(tenants, lengths, plan.versions, out.router_inputs, out.expert_indices, ids))

@@ -24,7 +24,7 @@ class SyncTenant:
 
 
 class SyncUpdate:
-    """The `router_update` of one forward: called by the model with (layer, router inputs (B, S, D))."""
+    """The `Routing.update` of one forward: called by the model with (layer, router inputs (B, S, D))."""
 
     def __init__(
         self,
@@ -35,8 +35,8 @@ class SyncUpdate:
         capture: CaptureConfig,
         guard: Guardrails,
     ) -> None:
-        assert view.bank is not None
-        self.bank, self.tenants, self.trained = view.bank, tenants, trained
+        assert view.routing.bank is not None
+        self.bank, self.tenants, self.trained = view.routing.bank, tenants, trained
         self.lengths = torch.tensor(lengths)
         self.capture, self.guard = capture, guard
         self.counts = CaptureCounts()

@@ -295,7 +295,7 @@ class Adapter:
 
     def sync_update(self, view: RoutingPlan, tenants: list[str], lengths: list[int]) -> SyncUpdate | None:
         """The routers' in-place update of one forward, for the batch's tenants that have a row of their own."""
-        if view.bank is None or view.index is None or self.bank.trained is None:
+        if view.routing.bank is None or view.routing.index is None or self.bank.trained is None:
             return None
         adapting: dict[str, SyncTenant] = {}
         candidates = self.adapting(tenants)
@@ -305,7 +305,7 @@ class Adapter:
                 if view.rows[first] == 0:  # never write the trained row
                     continue
                 sequences = torch.tensor([t == tenant for t in tenants])
-                position = int(view.index[first])
+                position = int(view.routing.index[first])
                 adapting[tenant] = SyncTenant(position, sequences, self.tenants[tenant].learning_rate)
         if not adapting:
             return None

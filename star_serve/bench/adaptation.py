@@ -160,8 +160,8 @@ async def _adapt_rotated(
 def _tenant_bases(bank: TenantBank, tenant: str) -> tuple[torch.Tensor, int]:
     """The bases (L, E, D) the tenant routes with now, and their version."""
     view = bank.lookup([tenant])
-    assert view.bank is not None and view.index is not None
-    return view.bank[view.index[0]], view.versions[0]
+    assert view.routing.bank is not None and view.routing.index is not None
+    return view.routing.bank[view.routing.index[0]], view.versions[0]
 
 
 def _consistency(

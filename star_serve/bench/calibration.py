@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
 from ..config import Settings
-from ..model import StarMoeForCausalLM, projection_distance
+from ..model import Routing, StarMoeForCausalLM, projection_distance
 from ..model.loading import load_model
 from .report import write_report
 
@@ -76,7 +76,7 @@ def _evaluate(model: StarMoeForCausalLM, windows: torch.Tensor, bases: torch.Ten
     (L, N, k), sorted, of every token."""
     total, experts = 0.0, []
     for chunk in windows.split(16):
-        out = model(input_ids=chunk, router_bank=bases[None], output_routing=True, use_cache=False)
+        out = model(input_ids=chunk, routing=Routing.shared(bases), output_routing=True, use_cache=False)
         logits = out.logits[:, :-1].float()
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum").item()
         assert out.expert_indices is not None
@@ -86,8 +86,8 @@ def _evaluate(model: StarMoeForCausalLM, windows: torch.Tensor, bases: torch.Ten
 
 def _bases(bank: TenantBank, tenant: str) -> tuple[torch.Tensor, int]:
     view = bank.lookup([tenant])
-    assert view.bank is not None and view.index is not None
-    return view.bank[view.index[0]].clone(), view.versions[0]
+    assert view.routing.bank is not None and view.routing.index is not None
+    return view.routing.bank[view.routing.index[0]].clone(), view.versions[0]
 
 
 async def unshifted_tenant(
@@ -115,7 +115,7 @@ async def unshifted_tenant(
         for chunk in traffic.split(per_forward):
             bases, version = _bases(bank, tenant)
             with torch.no_grad():
-                out = model(input_ids=chunk, router_bank=bases[None], output_routing=True, use_cache=False)
+                out = model(input_ids=chunk, routing=Routing.shared(bases), output_routing=True, use_cache=False)
             assert out.router_inputs is not None and out.expert_indices is not None
             inputs = [x.reshape(-1, x.shape[-1]).float() for x in out.router_inputs]
             load = torch.stack([torch.bincount(e.reshape(-1), minlength=bases.shape[1]) for e in out.expert_indices])

@@ -145,7 +145,7 @@ class ClassificationEngine:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             output_routing=True,  # the routers' choices are made anyway: returning them is free
-            **plan.model_inputs(),
+            routing=plan.routing,
         )
         if self.on_step is not None:
             self.on_step(StepStats("classify", len(batch), int(mask.sum())))

@@ -307,7 +307,7 @@ class GenerationEngine:
             cache=self.cache,
             use_cache=True,
             output_routing=True,  # the routers' choices are made anyway: returning them is free
-            **plan.model_inputs(),
+            routing=plan.routing,
         )
         if self.on_step is not None:
             phase = "prefill" if prefill else "decode"

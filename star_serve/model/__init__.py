@@ -24,10 +24,13 @@ from .modeling import (
     StarMoePreTrainedModel,
 )
 from .router import switch_load_balancing_loss
+from .routing import RouterUpdate, Routing
 
 __all__ = [
     "ROUTER_TYPES",
     "GhaStatistics",
+    "RouterUpdate",
+    "Routing",
     "StarMoeConfig",
     "StarMoeForCausalLM",
     "StarMoeForSequenceClassification",

@@ -1,16 +1,12 @@
 """STAR MoE decoder: a LLaMA-style transformer (RMSNorm, RoPE, grouped-query attention) whose every
 feed-forward block is a sparse MoE with a STAR router, plus causal-LM and sequence-classification heads.
 
-Per-tenant routing travels as data: `router_bank` (T, L, E, D) stacks T tenants' GHA bases for all L
-layers and `tenant_index` (B,) picks each sequence's tenant, so one forward serves many tenants. A
-`router_update` callback, called with each layer's index and router inputs before that layer routes, may
-rewrite the layer's rows of the bank: that is test-time adaptation in `sync` mode (STAR.md). Serving
-passes `router_gates` instead, each row's gates folded once per version (`router_gates()`).
+Per-tenant routing travels as data: one `routing` argument (`routing.Routing`) says how every sequence of
+the batch routes at every layer; the heads pass it through to the backbone with their other `**kwargs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +21,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration import StarMoeConfig
 from .moe import StarMoeExperts, StarMoeSparseBlock
 from .router import StarGate, StarMoeRouter, switch_load_balancing_loss
-
-RouterUpdate = Callable[[int, torch.Tensor], None]  # (layer index, router inputs (B, S, D)) before routing
+from .routing import TRAINED, Routing
 
 
 class StarMoeRMSNorm(nn.Module):
@@ -228,8 +223,8 @@ class StarMoePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def router_gates(self, bases: torch.Tensor) -> torch.Tensor:
-        """Every MoE layer's whole gate folded with `bases` (..., L, E, D), as the backbone's `router_gates`
-        takes them: (..., L, E, D) in the model's dtype."""
+        """Every MoE layer's whole gate folded with `bases` (..., L, E, D), as `Routing.gates` takes them:
+        (..., L, E, D) in the model's dtype."""
         return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(self._routers())], dim=-3)
 
     def router_alignment(self) -> list[float | None]:
@@ -279,11 +274,8 @@ class StarMoeModel(StarMoePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        router_bank: torch.Tensor | None = None,  # (T, L, E, D)
-        tenant_index: torch.Tensor | None = None,  # (B,)
-        output_routing: bool = False,
-        router_update: RouterUpdate | None = None,
-        router_gates: torch.Tensor | None = None,  # (B, L, E, D) or (1, L, E, D), from `router_gates()`
+        routing: Routing = TRAINED,
+        output_routing: bool = False,  # also return each layer's router inputs and chosen experts
         **kwargs: object,
     ) -> StarMoeModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
@@ -299,26 +291,13 @@ class StarMoeModel(StarMoePreTrainedModel):
             position_ids = torch.arange(past, past + s, device=x.device).expand(b, s)
         mask = build_attention_mask(attention_mask, s, past + s, x.device)
         token_mask = attention_mask[:, -s:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
-        if router_bank is not None:
-            if tenant_index is None:
-                tenant_index = torch.zeros(b, dtype=torch.long, device=x.device)
-            if router_bank.shape[1] != len(self.layers):
-                raise ValueError(f"router_bank has {router_bank.shape[1]} layers, the model {len(self.layers)}")
+        routing.check(len(self.layers))
 
         rotary = self.rotary_emb(position_ids, x.dtype)
         all_logits, all_inputs, all_experts = [], [], []
         for i, layer in enumerate(self.decoder_layers()):
             x, router_input = layer.attend(x, rotary, mask, cache)
-            if router_update is not None:  # test-time adaptation before routing: may rewrite router_bank[:, i]
-                router_update(i, router_input)
-            bases = gate = None
-            if router_gates is not None and router_update is None:  # folded: one product routes the batch
-                gate = router_gates[0, i] if router_gates.shape[0] == 1 else router_gates[:, i]
-            elif router_bank is not None and router_bank.shape[0] == 1:  # one shared bank row (E, D)
-                bases = router_bank[0, i]
-            elif router_bank is not None and tenant_index is not None:
-                # index_select: a third of the time of advanced indexing, router_bank[tenant_index, i]
-                bases = router_bank[:, i].index_select(0, tenant_index)
+            bases, gate = routing.layer(i, router_input)
             x, logits, experts = layer.route(x, router_input, bases, token_mask, gate)
             all_logits.append(logits)
             if output_routing:
@@ -368,11 +347,8 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        router_bank: torch.Tensor | None = None,
-        tenant_index: torch.Tensor | None = None,
+        routing: Routing = TRAINED,
         output_routing: bool = False,
-        router_update: RouterUpdate | None = None,
-        router_gates: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs: object,
     ) -> StarMoeCausalLMOutput:
@@ -384,11 +360,8 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            router_bank=router_bank,
-            tenant_index=tenant_index,
+            routing=routing,
             output_routing=output_routing,
-            router_update=router_update,
-            router_gates=router_gates,
         )
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)  # (B, S, V)
@@ -432,11 +405,8 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,  # (B,)
         output_router_logits: bool | None = None,
-        router_bank: torch.Tensor | None = None,
-        tenant_index: torch.Tensor | None = None,
+        routing: Routing = TRAINED,
         output_routing: bool = False,
-        router_update: RouterUpdate | None = None,
-        router_gates: torch.Tensor | None = None,
         **kwargs: object,
     ) -> StarMoeSequenceClassifierOutput:
         out = self.model(
@@ -444,11 +414,8 @@ class StarMoeForSequenceClassification(StarMoePreTrainedModel):
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            router_bank=router_bank,
-            tenant_index=tenant_index,
+            routing=routing,
             output_routing=output_routing,
-            router_update=router_update,
-            router_gates=router_gates,
         )
         hidden = out.last_hidden_state  # (B, S, D)
         b, s, _ = hidden.shape

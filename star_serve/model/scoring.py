@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import StarMoeForCausalLM, StarMoeForSequenceClassification, StarMoePreTrainedModel
+from .routing import Routing
 
 BATCH_TOKENS = 8192  # padded tokens per forward at most
 
@@ -46,13 +47,14 @@ def sequence_scores(
         b = ids.shape[0]
         tenant = torch.arange(rows, device=device).repeat_interleave(b)  # (T*B,): every row on every sequence
         ids, mask = ids.repeat(rows, 1), mask.repeat(rows, 1)
+        routing = Routing(bank=bank, index=tenant)
         if isinstance(model, StarMoeForCausalLM):
-            logits = model(input_ids=ids, attention_mask=mask, router_bank=bank, tenant_index=tenant).logits
+            logits = model(input_ids=ids, attention_mask=mask, routing=routing).logits
             losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
             losses = (losses * mask[:, 1:]).sum(1)  # (T*B,)
             counts[chunk] = mask[:b, 1:].sum(1).double().cpu()
         elif isinstance(model, StarMoeForSequenceClassification):
-            logits = model(input_ids=ids, attention_mask=mask, router_bank=bank, tenant_index=tenant).logits
+            logits = model(input_ids=ids, attention_mask=mask, routing=routing).logits
             losses = torch.special.entr(logits.float().softmax(-1)).sum(-1)  # (T*B,) predictive entropy
             counts[chunk] = 1.0
         else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from star_serve.adaptation import RoutingPlan, TenantBank
-from star_serve.model import StarMoeConfig, StarMoeForCausalLM
+from star_serve.model import Routing, StarMoeConfig, StarMoeForCausalLM
 
 CPU = torch.device("cpu")
 SHAPE = (2, 4, 32)  # (layers, experts, hidden)
@@ -26,17 +26,17 @@ def _bank(capacity: int = 256) -> tuple[TenantBank, torch.Tensor]:
 
 def _rows_of(bank: TenantBank, tenants: list[str]) -> list[torch.Tensor]:
     view = bank.lookup(tenants)
-    assert view.bank is not None and view.index is not None
-    return [view.bank[row] for row in view.index.tolist()]
+    assert view.routing.bank is not None and view.routing.index is not None
+    return [view.routing.bank[row] for row in view.routing.index.tolist()]
 
 
 def test_unknown_tenants_get_row_zero_the_trained_bases_and_version_zero() -> None:
     bank, trained = _bank()
     view = bank.lookup(["a", "b", "a"])
-    assert view.index is not None and view.bank is not None
-    assert view.index.tolist() == [0, 0, 0] and view.index.dtype == torch.long
+    assert view.routing.index is not None and view.routing.bank is not None
+    assert view.routing.index.tolist() == [0, 0, 0] and view.routing.index.dtype == torch.long
     assert view.versions == [0, 0, 0]
-    assert torch.equal(view.bank[0], trained)
+    assert torch.equal(view.routing.bank[0], trained)
     assert bank.version("a") == 0 and bank.resident() == 0
 
 
@@ -46,11 +46,11 @@ def test_published_bases_appear_at_the_next_lookup_with_their_version() -> None:
     bank.publish("a", own, version=4)
     assert bank.version("a") == 4  # known at once, applied at the next lookup
     view = bank.lookup(["b", "a", "b"])
-    assert view.bank is not None and view.index is not None
+    assert view.routing.bank is not None and view.routing.index is not None
     assert view.versions == [0, 4, 0]
-    assert view.index[0] == view.index[2] == 0 and view.index[1] != 0
-    assert torch.equal(view.bank[view.index[1]], own)
-    assert torch.equal(view.bank[0], trained)
+    assert view.routing.index[0] == view.routing.index[2] == 0 and view.routing.index[1] != 0
+    assert torch.equal(view.routing.bank[view.routing.index[1]], own)
+    assert torch.equal(view.routing.bank[0], trained)
     assert bank.resident() == 1
 
     newer = _bases(2)
@@ -80,20 +80,22 @@ def test_gates_are_folded_once_per_new_row_and_a_batchs_gates_reused_until_its_r
     bank.publish("b", _bases(2), version=1)
     first = bank.lookup(["a", "b", "x"])
     assert folded == [1, 2]  # both new rows in one fold
-    assert first.gates is not None and first.bank is not None and first.index is not None
-    assert torch.equal(first.gates, 2 * first.bank[first.index])  # (B, L, E, D), each sequence's gates
-    assert torch.equal(first.gates[2], 2 * trained)
+    assert first.routing.gates is not None and first.routing.bank is not None and first.routing.index is not None
+    # (B, L, E, D), each sequence's gates
+    assert torch.equal(first.routing.gates, 2 * first.routing.bank[first.routing.index])
+    assert torch.equal(first.routing.gates[2], 2 * trained)
     again = bank.lookup(["a", "b", "x"])
-    assert again.gates is first.gates and folded == [1, 2]  # the next decode step: nothing folded or gathered
+    # the next decode step: nothing folded or gathered
+    assert again.routing.gates is first.routing.gates and folded == [1, 2]
 
     bank.publish("b", _bases(3), version=2)  # a new version: its row alone folded, the batch gathered anew
     moved = bank.lookup(["a", "b", "x"])
     assert folded == [1, 2, 1]
-    assert moved.gates is not None and moved.gates is not first.gates
-    assert torch.equal(moved.gates[1], 2 * _bases(3)) and torch.equal(moved.gates[0], 2 * _bases(1))
+    assert moved.routing.gates is not None and moved.routing.gates is not first.routing.gates
+    assert torch.equal(moved.routing.gates[1], 2 * _bases(3)) and torch.equal(moved.routing.gates[0], 2 * _bases(1))
     other = bank.lookup(["b", "a"])  # other rows: gathered anew
-    assert other.gates is not None and torch.equal(other.gates[0], 2 * _bases(3))
-    single = bank.lookup(["x", "y"]).gates  # one row for the whole batch: its gates alone
+    assert other.routing.gates is not None and torch.equal(other.routing.gates[0], 2 * _bases(3))
+    single = bank.lookup(["x", "y"]).routing.gates  # one row for the whole batch: its gates alone
     assert single is not None and single.shape == (1, *SHAPE) and torch.equal(single[0], 2 * trained)
     assert folded == [1, 2, 1]
 
@@ -101,18 +103,18 @@ def test_gates_are_folded_once_per_new_row_and_a_batchs_gates_reused_until_its_r
 def test_rows_rewritten_in_place_get_no_gates_and_are_folded_again_at_the_next_lookup() -> None:
     bank, trained, folded = _folding_bank()
     view = bank.lookup(["a", "b"], own=["a"], in_place=True)
-    assert view.gates is None and view.bank is not None and view.index is not None
-    view.bank[view.index[0]] += 1  # as a sync-mode update moves the tenant's row before routing
+    assert view.routing.gates is None and view.routing.bank is not None and view.routing.index is not None
+    view.routing.bank[view.routing.index[0]] += 1  # as a sync-mode update moves the tenant's row before routing
     after = bank.lookup(["a", "b"])
-    assert after.gates is not None
-    assert torch.equal(after.gates[0], 2 * (trained + 1)) and torch.equal(after.gates[1], 2 * trained)
+    assert after.routing.gates is not None
+    assert torch.equal(after.routing.gates[0], 2 * (trained + 1)) and torch.equal(after.routing.gates[1], 2 * trained)
     assert folded == [1, 2]  # both rows of the in-place batch, once
 
 
 def test_a_bank_without_fold_hands_out_no_gates() -> None:
     bank, _ = _bank()
     bank.publish("a", _bases(1), version=1)
-    assert bank.lookup(["a", "b"]).gates is None and bank.lookup(["a"]).gates is None
+    assert bank.lookup(["a", "b"]).routing.gates is None and bank.lookup(["a"]).routing.gates is None
 
 
 def test_publish_copies_the_bases() -> None:
@@ -131,13 +133,13 @@ def test_publishing_none_reverts_to_the_trained_bases() -> None:
     assert bank.lookup(["a"]).versions == [2]
     bank.publish("a", None, version=0)
     view = bank.lookup(["a"])
-    assert view.index is not None and view.index.tolist() == [0] and view.versions == [0]
+    assert view.routing.index is not None and view.routing.index.tolist() == [0] and view.versions == [0]
     assert bank.version("a") == 0 and bank.resident() == 0
     # The freed row serves the next tenant.
     bank.publish("b", _bases(3), version=1)
     (b,) = _rows_of(bank, ["b"])
     assert torch.equal(b, _bases(3)) and bank.resident() == 1
-    assert torch.equal(bank.lookup(["x"]).bank[0], trained)  # type: ignore[index]
+    assert torch.equal(bank.lookup(["x"]).routing.bank[0], trained)  # type: ignore[index]
 
 
 def test_the_least_recently_looked_up_tenant_is_evicted_at_capacity() -> None:
@@ -150,13 +152,13 @@ def test_the_least_recently_looked_up_tenant_is_evicted_at_capacity() -> None:
     bank.publish("c", _bases(3), version=7)
     view = bank.lookup(["a", "b", "c"])
     assert view.versions == [1, 0, 7]
-    assert view.index is not None and view.bank is not None
-    assert view.index[1] == 0 and len(set(view.index.tolist())) == 3
-    assert torch.equal(view.bank[view.index[0]], _bases(1))
-    assert torch.equal(view.bank[view.index[2]], _bases(3))
-    assert torch.equal(view.bank[0], trained)
+    assert view.routing.index is not None and view.routing.bank is not None
+    assert view.routing.index[1] == 0 and len(set(view.routing.index.tolist())) == 3
+    assert torch.equal(view.routing.bank[view.routing.index[0]], _bases(1))
+    assert torch.equal(view.routing.bank[view.routing.index[2]], _bases(3))
+    assert torch.equal(view.routing.bank[0], trained)
     assert bank.resident() == 2
-    assert view.bank.shape[0] <= 3  # the trained row plus `capacity` rows, no more
+    assert view.routing.bank.shape[0] <= 3  # the trained row plus `capacity` rows, no more
 
     bank.lookup(["c"])  # now a is the oldest
     bank.publish("d", _bases(4), version=2)
@@ -173,7 +175,7 @@ def test_rows_grow_as_tenants_arrive() -> None:
         assert torch.equal(row, _bases(10 + i))
     view = bank.lookup(["nobody", *tenants])
     assert view.versions == [0, 1, 2, 3, 4, 5]
-    assert view.bank is not None and torch.equal(view.bank[0], trained)
+    assert view.routing.bank is not None and torch.equal(view.routing.bank[0], trained)
     assert bank.resident() == 5
 
 
@@ -216,8 +218,8 @@ def test_bank_dtype_and_trained_bases_of_a_real_model() -> None:
     bank = TenantBank(trained, CPU, torch.float64)
     bank.publish("a", _bases(1).float(), version=1)
     view = bank.lookup(["a", "b"])
-    assert view.bank is not None and view.bank.dtype == torch.float64
-    assert torch.equal(view.bank[0], trained.double())
+    assert view.routing.bank is not None and view.routing.bank.dtype == torch.float64
+    assert torch.equal(view.routing.bank[0], trained.double())
 
 
 def test_a_model_without_subspace_has_no_bank() -> None:
@@ -235,7 +237,7 @@ def test_a_model_without_subspace_has_no_bank() -> None:
     with pytest.raises(ValueError):
         model.trained_bases()
     bank = TenantBank(None, CPU, torch.float32)
-    assert bank.lookup(["a", "b"]) == RoutingPlan(None, None, [0, 0], [0, 0])
+    assert bank.lookup(["a", "b"]) == RoutingPlan(Routing(), [0, 0], [0, 0])
     with pytest.raises(ValueError, match="no GHA subspace"):
         bank.publish("a", _bases(1), version=1)
     assert bank.resident() == 0

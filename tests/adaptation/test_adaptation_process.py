@@ -103,8 +103,8 @@ async def _committed_version_is_the_guarded_step(process: AdaptationProcess, ban
     assert stored is not None and stored.version == 1
     torch.testing.assert_close(stored.bases, want)
     view = bank.lookup(["a"])
-    assert view.bank is not None
-    torch.testing.assert_close(view.bank[0], want)  # the serving process routes with it
+    assert view.routing.bank is not None
+    torch.testing.assert_close(view.routing.bank[0], want)  # the serving process routes with it
     assert bank.version("b") == 0
 
     report = process.report(4)

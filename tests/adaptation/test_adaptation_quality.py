@@ -23,6 +23,7 @@ from star_serve.adaptation.quality import HoldBack, QualityConfig, QualityGate, 
 from star_serve.adaptation.ring import SharedRing
 from star_serve.adaptation.store import Snapshot
 from star_serve.model import (
+    Routing,
     StarMoeForCausalLM,
     StarMoeForSequenceClassification,
     orthonormalize,
@@ -61,9 +62,7 @@ def test_every_row_scores_its_own_teacher_forced_loss(lm: StarMoeForCausalLM) ->
         total, count = 0.0, 0
         for seq in sequences:  # one at a time: no padding, no other rows in the batch
             with torch.inference_mode():
-                logits = model(
-                    input_ids=seq[None], router_bank=bank[row : row + 1], tenant_index=torch.zeros(1, dtype=torch.long)
-                ).logits
+                logits = model(input_ids=seq[None], routing=Routing(bank[row : row + 1])).logits
             total += float(F.cross_entropy(logits[0, :-1], seq[1:], reduction="sum"))
             count += len(seq) - 1
         assert score == pytest.approx(total / count, abs=1e-4)
@@ -80,7 +79,7 @@ def test_a_classifier_scores_its_mean_predictive_entropy(
     entropies = []
     for seq in sequences:
         with torch.inference_mode():
-            probs = model(input_ids=seq[None], router_bank=trained[None]).logits.float().softmax(-1)
+            probs = model(input_ids=seq[None], routing=Routing.shared(trained)).logits.float().softmax(-1)
         entropies.append(float(-(probs * probs.log()).sum()))
     assert score == pytest.approx(sum(entropies) / len(entropies), abs=1e-4)
     assert 0.0 < score <= math.log(3) + 1e-6
@@ -218,8 +217,7 @@ def _serve(adapter: Adapter, model: StarMoeForCausalLM, sequences: list[torch.Te
         out = model.model(
             input_ids=ids,
             attention_mask=mask,
-            router_bank=view.bank,
-            tenant_index=view.index,
+            routing=view.routing,
             output_routing=True,
             use_cache=False,
         )

@@ -5,6 +5,7 @@ tenants are untouched; the worker commits a copy of the row and relabels it with
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,10 +53,8 @@ def _forward(model: StarMoeForCausalLM, bank: TenantBank, adapter: Adapter, tena
         out = model.model(
             input_ids=ids,
             attention_mask=mask.long(),
-            router_bank=view.bank,
-            tenant_index=view.index,
+            routing=replace(view.routing, update=update),
             output_routing=True,
-            router_update=update,
             use_cache=False,
         )
     return ids, mask, view, update, out
@@ -78,14 +77,12 @@ def test_each_tenant_steps_on_its_own_real_tokens_before_routing(tmp_path: Path)
         row = bank.row(tenant)
         assert row is not None and torch.allclose(row[0], expected.basis, atol=1e-5)
         assert not torch.allclose(row[0], trained[0], atol=1e-3)
-    assert bank.row("frozen") is None and torch.equal(view.bank[0], trained)  # type: ignore[index]
+    assert bank.row("frozen") is None and torch.equal(view.routing.bank[0], trained)  # type: ignore[index]
 
     # the batch was routed with the moved rows: a plain forward on them gives layer 0 the same logits
     again = bank.lookup(tenants)
     with torch.inference_mode():
-        plain = model.model(
-            input_ids=ids, attention_mask=mask.long(), router_bank=again.bank, tenant_index=again.index, use_cache=False
-        )
+        plain = model.model(input_ids=ids, attention_mask=mask.long(), routing=again.routing, use_cache=False)
     assert torch.allclose(plain.router_logits[0], out.router_logits[0], atol=1e-5)
 
 

@@ -15,7 +15,7 @@ import torch
 from star_serve.engine.generation import GenerationStream
 from star_serve.engine.sampling import make_generator, sample
 from star_serve.engine.types import GenerationOutput, SamplingParams, StepStats
-from star_serve.model import StarMoeConfig
+from star_serve.model import Routing, StarMoeConfig
 
 WORDS = (
     *("the", "cat", "dog", "sat", "on", "a", "mat", "ran", "fast", "slow"),
@@ -53,10 +53,8 @@ def perturbed_bases(model: Any, scale: float, seed: int) -> torch.Tensor:
     return bases / bases.norm(dim=-1, keepdim=True)
 
 
-def _bank_kwargs(bases: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    if bases is None:
-        return {}
-    return {"router_bank": bases[None], "tenant_index": torch.zeros(1, dtype=torch.long)}
+def _bank_kwargs(bases: torch.Tensor | None) -> dict[str, Routing]:
+    return {} if bases is None else {"routing": Routing.shared(bases)}
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from star_serve.engine.types import (
     EngineOverloaded,
     StepStats,
 )
-from star_serve.model import StarMoeForSequenceClassification
+from star_serve.model import Routing, StarMoeForSequenceClassification
 
 CPU = torch.device("cpu")
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
@@ -87,8 +87,8 @@ def _ids(tokenizer: Any, text: str, limit: int = 512) -> list[int]:
 
 @torch.no_grad()
 def _alone(model: Any, ids: list[int], bases: torch.Tensor | None = None) -> torch.Tensor:
-    kwargs = {} if bases is None else {"router_bank": bases[None], "tenant_index": torch.zeros(1, dtype=torch.long)}
-    return model(torch.tensor([ids]), **kwargs).logits[0].float().softmax(-1)
+    routing = Routing() if bases is None else Routing.shared(bases)
+    return model(torch.tensor([ids]), routing=routing).logits[0].float().softmax(-1)
 
 
 def _check(result: ClassificationResult, probs: torch.Tensor, tokens: int) -> None:

@@ -11,6 +11,7 @@ from engine_support import perturbed_bases, run
 from star_serve.adaptation import TenantBank
 from star_serve.engine import SamplingParams
 from star_serve.engine.generation import EngineConfig, GenerationEngine, SequenceRequest
+from star_serve.model import Routing
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +37,9 @@ def test_bf16_engine_on_cuda_matches_generate_and_routes_per_tenant(make_lm: Any
         ids = torch.tensor([prompt], device=device)
         # The engine routes with the bank's folded gates; so does generate here, so that bf16 rounds alike.
         gates = model.router_gates(model.trained_bases().to(device, torch.bfloat16)[None])
-        expected = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, router_gates=gates)
+        expected = model.generate(
+            ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, routing=Routing(gates=gates)
+        )
         expected = expected[0, len(prompt) :]
         assert default.token_ids == expected.tolist()
         assert (default.subspace_version, other.subspace_version) == (0, 1)

@@ -30,6 +30,7 @@ from star_serve.engine.types import (
     SamplingParams,
     StepStats,
 )
+from star_serve.model import Routing
 
 PROMPTS = [
     "the cat sat",
@@ -154,7 +155,7 @@ def test_mixed_tenants_each_route_with_their_own_bases(
 
 
 def test_generate_forwards_the_router_bank(lm: Any, tokenizer: Any) -> None:
-    """The references agree: HF `generate` passes `router_bank`/`tenant_index` through to every forward."""
+    """The references agree: HF `generate` passes `routing` through to every forward."""
     ids = tokenizer.encode(PROMPTS[1])
     bases = perturbed_bases(lm, 2.0, seed=1)
     expected = greedy_reference(lm, ids, 10, bases)
@@ -165,8 +166,7 @@ def test_generate_forwards_the_router_bank(lm: Any, tokenizer: Any) -> None:
             do_sample=False,
             max_new_tokens=10,
             min_new_tokens=10,
-            router_bank=bases[None],
-            tenant_index=torch.tensor([0]),
+            routing=Routing.shared(bases),
         )
     assert out[0, len(ids) :].tolist() == expected
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from star_serve.model import gha_update
+from star_serve.model import Routing, gha_update
 
 LR = 0.05  # large enough that one step visibly moves the basis
 
@@ -103,7 +103,7 @@ def test_eval_forward_never_changes_a_basis(router_type: str, make_model: Callab
     with torch.no_grad():
         model(ids)
         model(ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        model(ids, router_bank=bank, tenant_index=torch.zeros(2, dtype=torch.long))
+        model(ids, routing=Routing(bank, torch.zeros(2, dtype=torch.long)))
     model(ids, labels=ids).loss.backward()  # gradients flow, yet no basis moves in eval mode
     assert [v.numpy().tobytes() for v in bases_of(model)] == before
     for layer in model.model.layers:
