@@ -84,6 +84,20 @@ class ForwardStatistics:
         return LayerStatistics(self.versions[g], layers, self.counts[g])
 
 
+def screen(x: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one screening rule of router inputs `x` (L, N, D), the same N tokens at L layers, applied in
+    place: a token whose norm is not finite at some layer (a non-finite input, or one so large that its norm
+    overflows) is rejected, as zeros, at every layer, so that N agrees across layers; the others are scaled
+    down to `max_norm`. Returns the norms after screening (L, N), which tokens are kept (N,) and which of
+    those were clipped (N,)."""
+    norms = torch.linalg.vector_norm(x, dim=-1)  # (L, N)
+    kept = norms.isfinite().all(dim=0)  # (N,)
+    scale = (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)  # (L, N): 1 unless clipped
+    x.mul_(scale[..., None]).masked_fill_(~kept[:, None], 0.0)
+    clipped = kept & (scale < 1.0).any(dim=0)
+    return torch.where(kept, norms * scale, 0.0), kept, clipped
+
+
 def capture_groups(
     bases: torch.Tensor,  # (R, L, E, D): the bank rows that served these tokens
     rows: torch.Tensor,  # (B,) each sequence's row of `bases`
@@ -101,7 +115,7 @@ def capture_groups(
     a decode step's many one-token sequences cost no more than one long sequence, and padding costs
     nothing. A token whose norm is not finite at some layer (a non-finite input, or one so large that its
     norm overflows) is rejected at every layer, so that N agrees across layers; the others are scaled
-    down to `max_token_norm`. One copy of the counts goes to the host."""
+    down to `max_token_norm` (`screen`). One copy of the counts goes to the host."""
     b, s = tokens.shape
     device, g = router_inputs[0].device, len(versions)
     keep = tokens.to(device)
@@ -121,11 +135,7 @@ def capture_groups(
     sequence, position, group = sequence[order], position[order], group[order]
     x = torch.stack([layer.detach()[sequence, position] for layer in router_inputs]).float()  # (L, N, D)
     layers, n, dim = x.shape
-    norms = torch.linalg.vector_norm(x, dim=-1)  # (L, N)
-    finite = norms.isfinite().all(dim=0)  # (N,)
-    scale = (config.max_token_norm / norms.clamp_min(1e-12)).clamp(max=1.0)  # (L, N): 1 unless clipped
-    x.mul_(scale[..., None]).masked_fill_(~finite[:, None], 0.0)  # a rejected token is zeros, then not counted
-    clipped = finite & (scale < 1.0).any(dim=0)  # (N,)
+    norms, finite, clipped = screen(x, config.max_token_norm)  # (L, N), (N,), (N,)
     # Chunk c holds tokens [CHUNK * k, CHUNK * (k + 1)) of its group, zero-padded.
     sizes = torch.bincount(group, minlength=g)  # (G,)
     chunks = (sizes + CHUNK - 1) // CHUNK  # (G,)
@@ -144,7 +154,7 @@ def capture_groups(
     s2 = torch.bmm(y.transpose(1, 2), y).view(layers, num_chunks, e, e)  # (L, C, E, E)
     s1_groups = _by_group(s1.transpose(0, 1), chunk_group, g)  # (G, L, E, D)
     s2_groups = _by_group(s2.transpose(0, 1), chunk_group, g)  # (G, L, E, E)
-    energy = _by_group(torch.where(finite, norms * scale, 0.0).square().T, group, g)  # (G, L): ||X||^2
+    energy = _by_group(norms.square().T, group, g)  # (G, L): ||X||^2
     within_subspace = s2_groups.diagonal(dim1=-2, dim2=-1).sum(dim=-1)  # (G, L): ||X V^T||^2
     explained = (within_subspace / energy.clamp_min(1e-12)).mean(dim=1)  # (G,)
     per_token = torch.stack([finite, clipped, ~finite]).long().T  # (N, 3): sampled, clipped, rejected

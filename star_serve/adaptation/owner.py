@@ -1,35 +1,32 @@
-"""The owner's decision, as a pure function: given a tenant's committed state and the statistics batches
-delivered for it, what to do (`plan_step`). The worker (`worker.py`) carries the decision out: commits the
-version by compare-and-set, or rolls the tenant back, and counts each batch's outcome. Tests call
-`plan_step` directly; the quality gate of a candidate plugs in here.
+"""The owner of some tenants' updates: it receives their statistics batches from the bus, decides what to
+do with them as a pure function (`plan_step`: given a tenant's committed state and the batches delivered
+for it), has the quality gate judge a candidate, and carries the decision out (`Owner`): commits the
+version by compare-and-set together with the batches' ids, or rolls the tenant back, and counts each
+batch's outcome. Tests call `plan_step` directly.
 
-Staleness is decided in one place, `staleness`: statistics are exact for the version they were taken
-against; a batch a few versions behind (a replica that had not yet heard of the latest commit) folds into
-the current basis as an asynchronous-SGD step would, one more than `max_staleness` behind is dropped, and
-one ahead (another owner was ahead of this one) waits until this owner has caught up.
+Staleness is decided in one place, `tenants.staleness`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
-from .bus import StatisticsBatch
+from .bus import Delivery, StatisticsBatch, StatisticsBus
 from .capture import LayerStatistics
+from .errors import CommitConflict
 from .guardrails import Guardrails, StepReport, collapsed, guarded_step, load_entropies
+from .quality import QualityGate
+from .store import Snapshot
+from .tenants import Tenants, TenantState, staleness
 
-Staleness = Literal["current", "behind", "too_old", "ahead"]
-
-
-def staleness(taken: int, current: int, max_staleness: int) -> Staleness:
-    """How statistics taken against version `taken` stand against the tenant's `current` version."""
-    if taken == current:
-        return "current"
-    if taken > current:
-        return "ahead"
-    return "behind" if current - taken <= max_staleness else "too_old"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,3 +104,145 @@ def combined(version: int, batches: list[StatisticsBatch]) -> LayerStatistics:
     """The batches' statistics summed layer by layer, counted as taken against `version`."""
     per_batch = [b.stats.layers for b in batches]
     return LayerStatistics(version, [sum(layer[1:], layer[0]) for layer in zip(*per_batch, strict=True)])
+
+
+class Owner:
+    """Applies the batches that the bus delivers for the tenants this replica owns. What could not be
+    applied (the store down, a lost race) is kept and tried again."""
+
+    def __init__(self, tenants: Tenants, bus: StatisticsBus, gate: QualityGate | None) -> None:
+        self.tenants, self.bus, self.gate = tenants, bus, gate  # gate None: every step is committed
+
+    async def run(self) -> None:
+        """Receives batches, applies them by tenant, acknowledges what was handled."""
+        tenants, poll = self.tenants, self.tenants.config.poll_interval
+        retry: dict[str, Delivery] = {}
+        renewed = -math.inf
+        while True:
+            try:
+                if time.monotonic() - renewed >= poll:
+                    retry.update((d.batch.id, d) for d in await self.bus.maintain())
+                    renewed = time.monotonic()
+                retry.update((d.batch.id, d) for d in await self.bus.receive(0.0 if retry else poll))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                tenants.store_failed("receiving statistics")
+                await asyncio.sleep(poll)
+                continue
+            by_tenant: dict[str, list[Delivery]] = {}
+            for d in retry.values():
+                by_tenant.setdefault(d.batch.tenant, []).append(d)
+            retry = {}
+            for tenant, deliveries in by_tenant.items():
+                try:
+                    handled, _ = await self.apply(tenant, [d.batch for d in deliveries])
+                    done = [d for d in deliveries if d.batch.id in handled]
+                    await self.bus.ack(done)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    tenants.store_failed(f"applying statistics of {tenant}")
+                    done = []
+                retry.update((d.batch.id, d) for d in deliveries if d not in done)
+            if retry:
+                await asyncio.sleep(poll if not tenants.store_ok else 0.05)
+
+    async def apply(self, tenant: str, batches: list[StatisticsBatch]) -> tuple[set[str], bool]:
+        """Carries out `plan_step` on `batches`: one guarded step committed together with their ids, or a
+        rollback, or nothing. Returns the ids handled (applied, or dropped for a reason that will not
+        change) and whether a version was committed; a batch not handled is to be tried again."""
+        tenants, model, store, config = self.tenants, self.tenants.model, self.tenants.store, self.tenants.config
+        async with tenants.steps[tenant]:
+            state = await tenants.ensure_loaded(tenant)
+            if not state.loaded:
+                return set(), False
+            if any(b.version > state.version for b in batches):  # another owner was ahead of this one
+                versions = await store.versions(model, tenant)
+                if versions:
+                    await tenants.refresh(tenant, versions[-1])
+            handled = await store.applied(model, tenant, [b.id for b in batches])
+            tenants.stats.batches["duplicate"] += len(handled)
+            todo = [b for b in batches if b.id not in handled]
+            if self.gate is not None:
+                for b in todo:
+                    self.gate.receive(tenant, b.held)
+            tenants.configured(tenant, state, await store.settings(model, tenant))
+            with tenants.lock:
+                committed = Committed(
+                    state.version,
+                    tenants.trained if state.bases is None else state.bases,
+                    state.learning_rate,
+                    state.frozen,
+                    state.drifts or [0.0] * len(tenants.trained),
+                    state.frozen_entropy,
+                )
+            decision = plan_step(committed, todo, tenants.trained, config.guard, config.max_staleness, tenants.serving)
+            tenants.stats.batches["stale"] += len(decision.dropped)
+            if decision.frozen_entropy is not None:
+                state.frozen_entropy = decision.frozen_entropy
+            done = handled | decision.handled
+            if decision.action == "none":
+                return done, False
+            if decision.action == "refuse":
+                log.info("%s/%s: %d batches refused: %s", model, tenant, len(decision.batches), decision.reason)
+                tenants.stats.refused_steps += decision.report is not None
+                tenants.stats.batches["frozen" if decision.reason == "frozen" else "refused"] += len(decision.batches)
+                return done, False
+            if decision.action == "rollback":
+                log.warning("%s/%s: %s; rolling back", model, tenant, decision.reason)
+                if not await self._roll_back(tenant, state, None):
+                    return handled, False
+                tenants.stats.batches["refused"] += len(decision.batches)
+                return done, False
+            if self.gate is not None and not await self._passes(tenant, state, committed.bases, decision):
+                return done, False
+            return handled | await self._commit(tenant, state, decision), True
+
+    async def _passes(self, tenant: str, state: TenantState, current: torch.Tensor, decision: Decision) -> bool:
+        """Whether the quality gate lets `decision`'s candidate be committed; counts a refusal, and rolls the
+        tenant back to the trained bases when its committed version scores worse than them."""
+        assert self.gate is not None and decision.bases is not None
+        tenants = self.tenants
+        verdict = await asyncio.to_thread(self.gate.judge, tenant, decision.bases, current, tenants.trained)
+        state.verdict = verdict
+        if verdict.accepted:
+            return True
+        log.info("%s/%s: %d batches refused: %s", tenants.model, tenant, len(decision.batches), verdict.reason)
+        tenants.stats.batches["refused_quality"] += len(decision.batches)
+        if state.version > 0 and verdict.degraded(self.gate.config.rollback_loss_increase):
+            log.warning(
+                "%s/%s: version %d scores %.4f on held-back prompts, the trained bases %.4f; rolling back to them",
+                *(tenants.model, tenant, state.version, verdict.current, verdict.trained),
+            )
+            if await self._roll_back(tenant, state, 0):
+                tenants.stats.quality_rollbacks += 1
+                state.verdict = replace(verdict, rolled_back=True)
+        return False
+
+    async def _roll_back(self, tenant: str, state: TenantState, version: int | None) -> bool:
+        """Rolls the tenant back; False when another writer moved ahead (the tenant is reloaded first)."""
+        try:
+            await self.tenants.roll_back(tenant, state, version)
+        except CommitConflict:
+            self.tenants.lost(state)
+            return False
+        return True
+
+    async def _commit(self, tenant: str, state: TenantState, decision: Decision) -> set[str]:
+        """Commits a decision's new version by compare-and-set; the ids handled (none when it lost)."""
+        assert decision.bases is not None
+        tenants, version = self.tenants, state.version
+        meta = tenants.meta(state, learning_rate=repr(state.learning_rate))
+        snapshot = Snapshot(tenants.model, tenant, version + 1, decision.bases, meta=meta)
+        applied = [b.id for b in decision.batches]
+        if not await tenants.store.commit(snapshot, expected=version, applied=applied):
+            tenants.stats.commits_lost += 1
+            tenants.lost(state)
+            return set()
+        now = time.time()
+        with tenants.lock:
+            tenants.adopt(tenant, state, snapshot, tokens=decision.tokens, drifts=decision.drifts)
+            tenants.stats.batches["applied"] += len(decision.batches)
+        tenants.committed([now - b.first_seen for b in decision.batches])
+        return decision.handled

@@ -1,8 +1,11 @@
 """STAR MoE decoder: a LLaMA-style transformer (RMSNorm, RoPE, grouped-query attention) whose every
 feed-forward block is a sparse MoE with a STAR router, plus causal-LM and sequence-classification heads.
 
+The whole model is one file, as transformers' model files are, so that a reader follows a token from the
+embedding to the heads without leaving it.
+
 Per-tenant routing travels as data: one `routing` argument (`routing.Routing`) says how every sequence of
-the batch routes at every layer; the heads pass it through to the backbone with their other `**kwargs`.
+the batch routes at every layer; the heads pass it through to the backbone.
 """
 
 from __future__ import annotations

@@ -92,14 +92,14 @@ def test_a_dead_owners_pending_entries_are_reclaimed_and_applied_once(redis_url:
             claimed = await _owning(heir)
             assert sorted(d.batch.id for d in claimed) == sorted(b.id for b in batches)
             owner = adapter(redis, heir)
-            handled, committed = await owner.apply(tenant, [d.batch for d in claimed])
+            handled, committed = await owner.owner.apply(tenant, [d.batch for d in claimed])
             assert committed and handled == {b.id for b in batches}
             await heir.ack(claimed)
             assert owner.stats.batches["applied"] == 6 and owner.tenants[tenant].version == 1
 
             # the old owner comes back and applies what it had read: every batch is a duplicate
             zombie = adapter(redis, dead)
-            handled, committed = await zombie.apply(tenant, [d.batch for d in read])
+            handled, committed = await zombie.owner.apply(tenant, [d.batch for d in read])
             assert not committed and handled == {b.id for b in batches}
             assert +zombie.stats.batches == {"duplicate": 6}  # and nothing else
             assert await RedisSnapshotStore(redis).versions(model, tenant) == [1]

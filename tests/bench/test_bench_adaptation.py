@@ -16,22 +16,19 @@ from transformers import PreTrainedTokenizerFast
 
 from star_serve.adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
 from star_serve.bench.adaptation import (
-    ADAPTING,
     CORRUPTIONS,
-    COST_SERVERS,
     AdaptationBenchConfig,
     _adapt_rotated,
     _table,
     corrupt,
     corruption_shift,
-    lag_quantiles,
-    paired_ratio,
     rotation,
     rotation_shift,
     route,
     router_inputs,
     routing_consistency,
 )
+from star_serve.bench.cost import ADAPTING, COST_SERVERS, lag_quantiles, paired_ratio
 from star_serve.bench.report import write_report
 from star_serve.metrics import ServingMetrics
 from star_serve.model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
