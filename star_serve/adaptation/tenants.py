@@ -282,6 +282,7 @@ class Tenants:
         restored = Snapshot(self.model, tenant, current + 1, bases, meta=self.meta(state, restored_from=str(version)))
         if not await self.store.commit(restored, expected=current):
             self.stats.commits_lost += 1
+            self.lost(state)
             raise CommitConflict(f"{self.model}/{tenant}: another writer committed version {current + 1} first")
         with self.lock:
             self.drop_uncommitted(tenant)

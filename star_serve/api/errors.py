@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,6 +63,26 @@ DOMAIN_ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
 }
 
 
+# The tags pydantic adds to a location for the member of a union that failed: not part of the field's path.
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _param(loc: Sequence[int | str], error_type: str | None) -> str | None:
+    """The request field at fault, as OpenAI names it (`messages.0.content`), from a validation error's
+    location: the body, union members' tags and validators' names left out; None for a body that is not
+    JSON (its location is a character offset)."""
+    if error_type == "json_invalid":
+        return None
+    path: list[str] = []
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, str) and (not part.isidentifier() or part in UNION_TAGS):
+            break
+        path.append(str(part))
+    return ".".join(path) or None
+
+
 def _response(status: int, message: str, type_: str, param: str | None = None, **headers: str) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers or None)
 
@@ -80,9 +101,9 @@ def install_error_handlers(app: FastAPI, metrics: ServingMetrics) -> None:
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         counted("invalid_request_error")
         first = exc.errors()[0] if exc.errors() else {}
-        where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
-        return _response(400, message, "invalid_request_error", ".".join(where) or None)
+        param = _param(first.get("loc", ()), first.get("type"))
+        message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
+        return _response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,16 +1,7 @@
 """End-to-end fixtures: tiny checkpoints built in the test session and real `star-serve serve` processes.
 
-The checkpoints are random (untrained) STAR MoE models on a byte-level BPE tokenizer trained on a few hundred
-stdlib docstrings, so nothing is downloaded and nothing is trained beyond the tokenizer (a few seconds).
-
-Three changes make a random LM usable for generation tests:
-- the lm_head row of the end-of-text token is zeroed, so its logit is exactly 0 for every hidden state, and
-- every other lm_head row is scaled up (x `LOGIT_SCALE`), so the other logits spread over several units and
-  the largest one sits far above 0. Greedy decoding then does not pick EOS and runs to `max_tokens`, seeded
-  sampling practically never draws it (a seeded draw is deterministic anyway, so no test flakes on it), and
-  the wider logit gaps keep greedy choices stable under batched vs. solo float differences.
-- the LM's context is `LM_CONTEXT` (more than the 256 of a toy config) so that a single request can run for
-  a few seconds: long enough to observe it in flight (disconnect, drain, overload) without sleeping.
+The checkpoints (`support.build_checkpoints`) are random STAR MoE models on a tokenizer trained in the
+session, so nothing is downloaded; `tests/api` builds the same ones for its in-process apps.
 
 Servers are started as subprocesses (`python -m star_serve.cli serve ...`) on a free port with fresh
 `STAR_STATE_DIR` / `STAR_CACHE_DIR`; a fixture waits until `GET /ready` is 200 (bounded), and stops the
@@ -25,76 +16,24 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .support import (
-    CLF_CONTEXT,
     CLF_NAME,
-    LABELS,
-    LM_CONTEXT,
     LM_NAME,
-    LOGIT_SCALE,
-    NUM_EXPERTS,
-    NUM_LAYERS,
     Checkpoints,
     Launcher,
     RedisProcess,
     Server,
+    build_checkpoints,
     free_port,
 )
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
-    import torch
-
-    from star_serve.model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
-    from star_serve.training.corpus import lm_corpus
-    from star_serve.training.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    tok = train_tokenizer(lm_corpus()[0][:300], vocab_size=512, model_max_length=CLF_CONTEXT)
-
-    def config(context: int, **extra: Any) -> StarMoeConfig:
-        return StarMoeConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=NUM_EXPERTS,
-            num_experts_per_tok=1,
-            max_position_embeddings=context,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.bos_token_id,
-            **extra,
-        )
-
-    torch.manual_seed(0)
-    lm = StarMoeForCausalLM(config(LM_CONTEXT)).eval()
-    with torch.no_grad():
-        lm.lm_head.weight.mul_(LOGIT_SCALE)
-        lm.lm_head.weight[tok.eos_token_id] = 0.0  # EOS logit is always 0, far below the top logits
-    lm_dir = root / "lm"
-    lm.save_pretrained(lm_dir)
-    tok.model_max_length = LM_CONTEXT
-    tok.save_pretrained(lm_dir)
-
-    torch.manual_seed(0)
-    id2label = dict(enumerate(LABELS))
-    clf = StarMoeForSequenceClassification(
-        config(CLF_CONTEXT, num_labels=len(LABELS), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    ).eval()
-    clf_dir = root / "clf"
-    clf.save_pretrained(clf_dir)
-    tok.model_max_length = CLF_CONTEXT
-    tok.save_pretrained(clf_dir)
-    tok.model_max_length = LM_CONTEXT  # the tests count tokens of long LM prompts with it
-    return Checkpoints(lm_dir=lm_dir, clf_dir=clf_dir, tokenizer=tok)
+    return build_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""What the end-to-end tests share: the tiny models' shape, a running server and assertions."""
+"""What the end-to-end tests share (and tests/api reuses): the tiny checkpoints, a running server, assertions."""
 
 from __future__ import annotations
 
@@ -42,6 +42,68 @@ class Checkpoints:
 
 
 Launcher = Callable[..., "Server"]
+
+
+def build_checkpoints(root: Path) -> Checkpoints:
+    """A tiny LM (`root/lm`) and classifier (`root/clf`): random (untrained) STAR MoE models on a byte-level
+    BPE tokenizer trained on a few hundred stdlib docstrings, so nothing is downloaded and nothing is trained
+    beyond the tokenizer (a few seconds). Used by the e2e servers and by tests/api's in-process apps.
+
+    Three changes make a random LM usable for generation tests:
+    - the lm_head row of the end-of-text token is zeroed, so its logit is exactly 0 for every hidden state, and
+    - every other lm_head row is scaled up (x `LOGIT_SCALE`), so the other logits spread over several units
+      and the largest one sits far above 0. Greedy decoding then does not pick EOS and runs to `max_tokens`,
+      seeded sampling practically never draws it (a seeded draw is deterministic anyway, so no test flakes on
+      it), and the wider logit gaps keep greedy choices stable under batched vs. solo float differences.
+    - the LM's context is `LM_CONTEXT` (more than the 256 of a toy config) so that a single request can run
+      for a few seconds: long enough to observe it in flight (disconnect, drain, overload) without sleeping.
+    """
+    import torch
+
+    from star_serve.model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
+    from star_serve.training.corpus import lm_corpus
+    from star_serve.training.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(lm_corpus()[0][:300], vocab_size=512, model_max_length=CLF_CONTEXT)
+
+    def config(context: int, **extra: Any) -> StarMoeConfig:
+        return StarMoeConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=NUM_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=NUM_EXPERTS,
+            num_experts_per_tok=1,
+            max_position_embeddings=context,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id,
+            **extra,
+        )
+
+    torch.manual_seed(0)
+    lm = StarMoeForCausalLM(config(LM_CONTEXT)).eval()
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(LOGIT_SCALE)
+        lm.lm_head.weight[tok.eos_token_id] = 0.0  # EOS logit is always 0, far below the top logits
+    lm_dir = root / "lm"
+    lm.save_pretrained(lm_dir)
+    tok.model_max_length = LM_CONTEXT
+    tok.save_pretrained(lm_dir)
+
+    torch.manual_seed(0)
+    id2label = dict(enumerate(LABELS))
+    clf = StarMoeForSequenceClassification(
+        config(CLF_CONTEXT, num_labels=len(LABELS), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    ).eval()
+    clf_dir = root / "clf"
+    clf.save_pretrained(clf_dir)
+    tok.model_max_length = CLF_CONTEXT
+    tok.save_pretrained(clf_dir)
+    tok.model_max_length = LM_CONTEXT  # the tests count tokens of long LM prompts with it
+    return Checkpoints(lm_dir=lm_dir, clf_dir=clf_dir, tokenizer=tok)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
