@@ -109,6 +109,26 @@ class Settings(BaseSettings):
         description="Once a tenant's held-back sample is full, the share of its prompts held back to keep it "
         "recent (held-back prompts do not count in the statistics).",
     )
+    adaptation_loss_sample_rate: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of prompts whose next-token loss the engine measures during prefill, under the bases "
+        "that served them (language models): each tenant's live quality, in GET /v1/subspace and the metrics.",
+    )
+    adaptation_loss_shadow_rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Of the measured prompts of a tenant served by its own version, the share routed again with "
+        "the trained bases (one more forward of that prompt), to compare the two on the same tokens.",
+    )
+    adaptation_loss_window: int = Field(
+        2048,
+        ge=1,
+        description="Tokens a version must be measured on against the trained bases before it is judged: one "
+        "that scores worse than them by more than STAR_ADAPTATION_ROLLBACK_LOSS_INCREASE is rolled back.",
+    )
     adaptation_partitions: int = Field(
         16, ge=1, description="Redis Streams that tenants' statistics are sharded over, each with one owner."
     )

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .adaptation import AdaptationHandle, load_entropy
+from .adaptation.live import LiveQuality
 from .engine.types import EngineStats, StepStats
 
 LAG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
@@ -69,6 +70,13 @@ class ServingMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.live_rollbacks = Counter(
+            "star_adaptation_live_rollbacks",
+            "Tenants rolled back to the trained bases because their served version scored worse than the trained "
+            "bases on the same tokens of their own traffic (the live measurement, past its window).",
+            ["model"],
+            registry=r,
+        )
         self.router_alignment = Gauge(
             "star_router_alignment",
             "Mean |cosine| of each linear-gate row with its expert's principal input direction, per layer.",
@@ -83,6 +91,10 @@ class ServingMetrics:
 
     def observe_step(self, model: str, stats: StepStats) -> None:
         self.batch_size.labels(model, stats.phase).observe(stats.batch_size)
+
+    def watch_live(self, lives: Callable[[], Iterable[tuple[str, LiveQuality]]], top_tenants: int) -> None:
+        """Reads the live loss of the `top_tenants` most measured tenants of each model at scrape time."""
+        self.registry.register(_LiveCollector(lives, top_tenants))
 
     def watch_engines(self, engines: Callable[[], Iterable[tuple[str, EngineStats]]]) -> None:
         """Reads running and waiting counts from the engines at scrape time."""
@@ -188,6 +200,35 @@ class _AdaptationCollector(Collector):
             explained,
             loss,
         )
+
+
+class _LiveCollector(Collector):
+    def __init__(self, lives: Callable[[], Iterable[tuple[str, LiveQuality]]], top_tenants: int) -> None:
+        self._lives, self._top = lives, top_tenants
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        loss = GaugeMetricFamily(
+            "star_tenant_live_loss",
+            "Next-token loss (nats/token) of the sampled prompts of a tenant's traffic since its current version: "
+            "served, under that version; served_paired and trained_paired, on the prompts also routed with the "
+            "trained bases (most measured tenants).",
+            labels=["model", "tenant", "bases"],
+        )
+        tokens = GaugeMetricFamily(
+            "star_tenant_live_tokens",
+            "Tokens behind star_tenant_live_loss: all measured, and those paired with the trained bases.",
+            labels=["model", "tenant", "kind"],
+        )
+        for name, live in self._lives():
+            for tenant, record in live.top(self._top):
+                if record.tokens:
+                    loss.add_metric([name, tenant, "served"], record.served / record.tokens)
+                if record.paired_tokens:
+                    loss.add_metric([name, tenant, "served_paired"], record.paired_served / record.paired_tokens)
+                    loss.add_metric([name, tenant, "trained_paired"], record.paired_trained / record.paired_tokens)
+                tokens.add_metric([name, tenant, "measured"], record.tokens)
+                tokens.add_metric([name, tenant, "paired"], record.paired_tokens)
+        yield from (loss, tokens)
 
 
 class _EngineCollector(Collector):

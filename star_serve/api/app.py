@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..adaptation import TenantBank, open_adaptation
+from ..adaptation.live import LiveConfig, LiveQuality
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
 from ..engine.types import StepStats
@@ -26,6 +27,7 @@ from ..metrics import ServingMetrics
 from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
 from ..model.loading import load_model, resolve_device, resolve_dtype
 from .errors import install_error_handlers
+from .live import watch_live
 from .routes import admin, health, inference
 from .schemas import error_body
 from .state import AppState, ServedModel
@@ -68,6 +70,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
         adapter.on_commit = metrics.adaptation_lag.labels(name).observe
     routing = bank if adapter is None else adapter.routing
     sink = None if adapter is None else adapter.sink
+    measured = adapter is not None and settings.adaptation_loss_sample_rate > 0
+    live = LiveQuality(LiveConfig.from_settings(settings)) if measured else None
 
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
@@ -80,8 +84,9 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_prefill_batch=settings.max_prefill_batch,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink)
+        engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink, live)
     else:
+        live = None  # a classifier's live quality is the quality gate's entropy proxy
         assert isinstance(model, StarMoeForSequenceClassification)
         batcher = BatcherConfig(
             max_batch=settings.classify_max_batch,
@@ -89,7 +94,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_waiting=max(1, settings.max_waiting * 4),
         )
         engine = ClassificationEngine(model, tokenizer, routing, batcher, on_step, sink)
-    return ServedModel(name, task, engine, bank, tokenizer, created=int(time.time()), adapter=adapter)
+    return ServedModel(name, task, engine, bank, tokenizer, created=int(time.time()), adapter=adapter, live=live)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -108,11 +113,15 @@ def create_app(settings: Settings) -> FastAPI:
             served.engine.start()
             if served.adapter is not None:
                 await served.adapter.start()  # on this thread: an adaptation process dies with the one that started it
+            watch_live(served, metrics, asyncio.get_running_loop())
             state.models[name] = served
             metrics.engine_up.labels(name).set_function(partial(_alive, served))
         metrics.watch_engines(lambda: [(n, m.engine.stats()) for n, m in state.models.items()])
         metrics.watch_adapters(
             lambda: [(n, m.adapter) for n, m in state.models.items() if m.adapter], settings.metrics_top_tenants
+        )
+        metrics.watch_live(
+            lambda: [(n, m.live) for n, m in state.models.items() if m.live], settings.metrics_top_tenants
         )
         state.ready = True
         log.info("serving %s", ", ".join(f"{n} ({m.task})" for n, m in state.models.items()))

@@ -31,6 +31,7 @@ from .schemas import (
     TenantList,
 )
 from .serving import GenerationCall, classify
+from .state import AppState
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 429, 503)
@@ -134,7 +135,7 @@ async def create_classification(body: ClassifyRequest, state: State, principal: 
 @inference.get("/subspace")
 async def get_subspace(state: State, principal: CurrentPrincipal, model: str | None = None) -> SubspaceState:
     """The caller's tenant's adaptation state: version, tokens seen, drift and orthogonality per layer."""
-    return SubspaceState.model_validate(await state.adapted(model).describe(principal.tenant))
+    return await _subspace(state, model, principal.tenant)
 
 
 @inference.patch("/subspace")
@@ -143,7 +144,7 @@ async def patch_subspace(
 ) -> SubspaceState:
     adapter = state.adapted(model)
     await adapter.configure(principal.tenant, body.frozen, body.learning_rate)
-    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
+    return await _subspace(state, model, principal.tenant)
 
 
 @inference.post("/subspace/reset")
@@ -151,7 +152,7 @@ async def reset_subspace(state: State, principal: CurrentPrincipal, model: str |
     """Back to the trained bases, committed as a new version."""
     adapter = state.adapted(model)
     await adapter.reset(principal.tenant)
-    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
+    return await _subspace(state, model, principal.tenant)
 
 
 @inference.post("/subspace/rollback")
@@ -161,7 +162,14 @@ async def rollback_subspace(
     """The bases of an earlier version, committed as a new version."""
     adapter = state.adapted(model)
     await adapter.rollback(principal.tenant, body.version)
-    return SubspaceState.model_validate(await adapter.describe(principal.tenant))
+    return await _subspace(state, model, principal.tenant)
+
+
+async def _subspace(state: AppState, model: str | None, tenant: str) -> SubspaceState:
+    """The tenant's adaptation state, with its live loss where the model measures one."""
+    described = await state.adapted(model).describe(tenant)
+    live = state.models[str(described["model"])].live
+    return SubspaceState.model_validate({**described, "live": None if live is None else live.describe(tenant)})
 
 
 @admin.post("/tenants", status_code=201)

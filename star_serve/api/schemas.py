@@ -256,6 +256,20 @@ class QualityVerdict(BaseModel):
     rolled_back: bool = Field(False, description="The tenant was rolled back to the trained bases on this verdict.")
 
 
+class LiveLoss(BaseModel):
+    """The next-token loss (nats/token) of a sampled share of the tenant's prompts, measured while they were
+    served, since `since_version` became the tenant's version; the paired scores are those of the prompts
+    also routed with the trained bases (the same tokens both ways). Lower is better."""
+
+    since_version: int
+    tokens: int
+    served: float | None = None
+    paired_tokens: int
+    served_paired: float | None = None
+    trained_paired: float | None = None
+    degraded: bool = Field(False, description="Worse than the trained bases past the window: rolled back.")
+
+
 class SubspaceState(BaseModel):
     """A tenant's adaptation state for one model."""
 
@@ -271,6 +285,7 @@ class SubspaceState(BaseModel):
     quality: QualityVerdict | None = Field(
         None, description="The quality gate's last judgement of a candidate version (None: none judged yet)."
     )
+    live: LiveLoss | None = Field(None, description="The tenant's live loss on its own traffic (language models).")
 
 
 class SubspacePatch(BaseModel):

@@ -9,6 +9,7 @@ from fastapi import Request
 from transformers import PreTrainedTokenizerBase
 
 from ..adaptation import AdaptationHandle, TenantBank
+from ..adaptation.live import LiveQuality
 from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
 from ..metrics import ServingMetrics
@@ -25,6 +26,7 @@ class ServedModel:
     tokenizer: PreTrainedTokenizerBase
     created: int
     adapter: AdaptationHandle | None = None
+    live: LiveQuality | None = None  # the live loss of sampled prompts (language models that adapt)
 
 
 @dataclass

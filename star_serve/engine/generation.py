@@ -20,10 +20,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..adaptation.bank import BatchRouter
+from ..adaptation.live import LiveQuality
 from ..adaptation.observer import ForwardSink
 from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
+from .live import PrefillMeter
 from .load import ExpertLoad
 from .sampling import make_generator, sample
 from .types import (
@@ -124,12 +126,14 @@ class GenerationEngine:
         config: EngineConfig = EngineConfig(),
         on_step: Callable[[StepStats], None] | None = None,
         sink: ForwardSink | None = None,  # where each forward goes for adaptation, if anywhere
+        live: LiveQuality | None = None,  # where the loss of sampled prompts goes, if anywhere
     ) -> None:
         self.model, self.tokenizer, self.routing, self.config = model, tokenizer, routing, config
         self.on_step, self._sink = on_step, sink
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
+        self._meter = None if live is None else PrefillMeter(live, self.backbone, self.lm_head, self.device)
         self.max_context = model.config.max_position_embeddings
         self.cache = SlotKVCache(
             model.config, config.max_running, self.max_context, self.device, next(model.parameters()).dtype
@@ -319,6 +323,8 @@ class GenerationEngine:
             self._count_routing(batch, out.expert_indices, lengths)
         if self._sink is not None:
             self._sink.submit(tenants, lengths, plan, out, ids)
+        if prefill and self._meter is not None:
+            self._meter(tenants, plan.versions, ids, real, out.last_hidden_state)
         tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:
