@@ -110,3 +110,21 @@ def test_the_worker_commits_the_row_and_relabels_it_in_place(tmp_path: Path) -> 
         assert after is not None and not torch.equal(after, moved)
 
     asyncio.run(scenario())
+
+
+def test_a_token_rejected_at_one_layer_stays_rejected_at_the_next(tmp_path: Path) -> None:
+    """Capture's screening rule, as far as a forward that updates layer by layer can apply it: a token whose
+    router input is not finite at layer 0 takes no part in layer 1's step either, and counts once as rejected."""
+    model, bank, adapter = _setup(tmp_path)
+    trained = model.trained_bases()
+    view = bank.lookup(["a"], own=adapter.adapting(["a"]))
+    update = adapter.sync_update(view, ["a"], [3])
+    assert update is not None
+    x0, x1 = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    x0[0, 1, 0] = float("nan")  # token 1 is broken at layer 0 only
+    update(0, x0)
+    update(1, x1)
+    kept = x1[0, [0, 2]]
+    expected = guarded_layer_step(trained[1], trained[1], gha_statistics(trained[1], kept), 0.5, GUARD)
+    assert expected.applied and torch.allclose(bank.row("a")[1], expected.basis, atol=1e-5)  # type: ignore[index]
+    assert (update.counts.sampled, update.counts.rejected) == (2, 1)
