@@ -15,28 +15,17 @@ import torch
 
 from star_serve.bench.report import free_port
 from star_serve.model import StarMoeConfig, StarMoeForCausalLM
-
-TINY = {
-    "vocab_size": 101,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 1,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-}
+from star_serve.training import presets
 
 
 def tiny_config(**overrides: Any) -> StarMoeConfig:
-    return StarMoeConfig(**{**TINY, **overrides})
+    """The `tiny` preset's model (hidden 32, 2 layers, 4 heads, 2 KV heads, 4 experts) with vocabulary 101."""
+    return presets.tiny_config(**{"vocab_size": 101, "pad_token_id": 0, **overrides})
 
 
 @pytest.fixture
 def make_config() -> Callable[..., StarMoeConfig]:
-    """`make_config(**overrides)`: hidden 32, 2 layers, 4 heads, 2 KV heads, 4 experts, vocab 101."""
+    """`make_config(**overrides)`: the `tiny` preset's model, vocabulary 101."""
     return tiny_config
 
 

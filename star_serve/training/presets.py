@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..model import StarMoeConfig
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -120,6 +122,15 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+def tiny_config(**overrides: Any) -> StarMoeConfig:
+    """The `tiny` preset's model as a `StarMoeConfig`, with `overrides` (a test's vocabulary, context, router
+    type, ...): the one tiny model that the test suite builds, whatever it tests."""
+    tiny = PRESETS["tiny"]
+    return StarMoeConfig(
+        **{"vocab_size": tiny.vocab_size, "max_position_embeddings": tiny.seq_len, **tiny.model, **overrides}
+    )
 
 
 def get_preset(name: str) -> Preset:

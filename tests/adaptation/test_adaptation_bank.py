@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from star_serve.adaptation import RoutingPlan, TenantBank
-from star_serve.model import Routing, StarMoeConfig, StarMoeForCausalLM
+from star_serve.model import Routing, StarMoeForCausalLM
+from star_serve.training.presets import tiny_config
 
 CPU = torch.device("cpu")
 SHAPE = (2, 4, 32)  # (layers, experts, hidden)
@@ -202,16 +203,7 @@ def test_publish_from_another_thread_is_seen_by_the_next_lookup() -> None:
 
 def test_bank_dtype_and_trained_bases_of_a_real_model() -> None:
     torch.manual_seed(0)
-    config = StarMoeConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        max_position_embeddings=64,
-    )
+    config = tiny_config(vocab_size=101)
     model = StarMoeForCausalLM(config).eval()
     trained = model.trained_bases()
     assert trained.shape == SHAPE
@@ -223,16 +215,7 @@ def test_bank_dtype_and_trained_bases_of_a_real_model() -> None:
 
 
 def test_a_model_without_subspace_has_no_bank() -> None:
-    config = StarMoeConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        router_type="linear",
-    )
+    config = tiny_config(vocab_size=101, router_type="linear")
     model = StarMoeForCausalLM(config).eval()
     with pytest.raises(ValueError):
         model.trained_bases()

@@ -12,7 +12,8 @@ import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, Guardrails, LocalDirStore, TenantBank
 from star_serve.adaptation.guardrails import guarded_layer_step
-from star_serve.model import StarMoeConfig, StarMoeForCausalLM, gha_statistics
+from star_serve.model import StarMoeForCausalLM, gha_statistics
+from star_serve.training.presets import tiny_config
 
 CPU = torch.device("cpu")
 GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0, min_entropy_ratio=0.0)
@@ -20,16 +21,7 @@ GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0
 
 def _setup(tmp_path: Path, min_tokens: int = 1000) -> tuple[StarMoeForCausalLM, TenantBank, Adapter]:
     torch.manual_seed(0)
-    config = StarMoeConfig(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        pad_token_id=0,
-    )
+    config = tiny_config(vocab_size=101, pad_token_id=0)
     model = StarMoeForCausalLM(config).eval()
     trained = model.trained_bases()
     bank = TenantBank(trained, CPU, torch.float32)

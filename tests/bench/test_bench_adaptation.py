@@ -33,6 +33,7 @@ from star_serve.bench.report import write_report
 from star_serve.metrics import ServingMetrics
 from star_serve.model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
 from star_serve.training.corpus import FAMILIES, lm_corpus
+from star_serve.training.presets import tiny_config
 from star_serve.training.tokenizer import train_tokenizer
 
 TEXT = "Send the request to the server and wait for the HTTP response, then close the connection."
@@ -46,18 +47,10 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def _config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> StarMoeConfig:
     fields: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 1,
-        "max_position_embeddings": 64,
         "pad_token_id": tokenizer.pad_token_id,
         "initializer_range": 0.1,  # routers' logits spread enough that top-1 choices are not near-ties
     }
-    return StarMoeConfig(**{**fields, **overrides})
+    return tiny_config(**{**fields, **overrides})
 
 
 def _tiny_lm(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> StarMoeForCausalLM:

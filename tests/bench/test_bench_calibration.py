@@ -9,15 +9,15 @@ from pathlib import Path
 import torch
 
 from star_serve.bench.calibration import CalibrationBenchConfig, _table, unshifted_tenant
-from star_serve.model import StarMoeConfig, StarMoeForCausalLM
-from star_serve.training.presets import get_preset
+from star_serve.model import StarMoeForCausalLM
+from star_serve.training.presets import tiny_config
 
 SEQ = 32
 
 
 def _model() -> StarMoeForCausalLM:
     torch.manual_seed(0)
-    config = StarMoeConfig(vocab_size=64, max_position_embeddings=SEQ, **get_preset("tiny").model)
+    config = tiny_config(vocab_size=64, max_position_embeddings=SEQ)
     return StarMoeForCausalLM(config).eval()
 
 

@@ -62,20 +62,14 @@ def build_checkpoints(root: Path) -> Checkpoints:
 
     from star_serve.model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
     from star_serve.training.corpus import lm_corpus
+    from star_serve.training.presets import tiny_config
     from star_serve.training.tokenizer import train_tokenizer
 
     tok = train_tokenizer(lm_corpus()[0][:300], vocab_size=512, model_max_length=CLF_CONTEXT)
 
     def config(context: int, **extra: Any) -> StarMoeConfig:
-        return StarMoeConfig(
+        return tiny_config(
             vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=NUM_EXPERTS,
-            num_experts_per_tok=1,
             max_position_embeddings=context,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,

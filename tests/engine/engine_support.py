@@ -16,6 +16,7 @@ from star_serve.engine.generation import GenerationStream
 from star_serve.engine.sampling import make_generator, sample
 from star_serve.engine.types import GenerationOutput, SamplingParams, StepStats
 from star_serve.model import Routing, StarMoeConfig
+from star_serve.training import presets
 
 WORDS = (
     *("the", "cat", "dog", "sat", "on", "a", "mat", "ran", "fast", "slow"),
@@ -25,16 +26,9 @@ DEADLINE = 20.0  # seconds any single wait in these tests may take before it cou
 
 
 def tiny_config(tokenizer: Any, **overrides: Any) -> StarMoeConfig:
+    """The `tiny` preset's model sized to `tokenizer`."""
     fields: dict[str, Any] = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 1,
-        "max_position_embeddings": 64,
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.eos_token_id,
@@ -42,7 +36,7 @@ def tiny_config(tokenizer: Any, **overrides: Any) -> StarMoeConfig:
         # on the logits, and so that greedy choices are not near-ties.
         "initializer_range": 0.1,
     }
-    return StarMoeConfig(**{**fields, **overrides})
+    return presets.tiny_config(**{**fields, **overrides})
 
 
 def perturbed_bases(model: Any, scale: float, seed: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from star_serve.model import StarMoeConfig, StarMoeForCausalLM
-from star_serve.training.presets import get_preset
+from star_serve.model import StarMoeForCausalLM
+from star_serve.training.presets import get_preset, tiny_config
 from star_serve.training.trainer import CHECKPOINT, fit
 
 TINY = get_preset("tiny")
@@ -25,7 +25,7 @@ DOCS = [
 
 def _tiny_model(seed: int = 0) -> StarMoeForCausalLM:
     torch.manual_seed(seed)
-    return StarMoeForCausalLM(StarMoeConfig(vocab_size=64, max_position_embeddings=64, **TINY.model))
+    return StarMoeForCausalLM(tiny_config(vocab_size=64))
 
 
 def _batches(crash_at: int | None = None):
