@@ -28,7 +28,7 @@ from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
 from ..model.loading import load_model, resolve_device, resolve_dtype
 from .errors import install_error_handlers
 from .live import watch_live
-from .routes import admin, health, inference
+from .routes import admin, health, inference, tokens
 from .schemas import error_body
 from .state import AppState, ServedModel
 from .tenants import TenantRegistry
@@ -139,6 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app, metrics)
     app.include_router(health)
     app.include_router(inference)
+    app.include_router(tokens)
     app.include_router(admin)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(InFlight, state=state)

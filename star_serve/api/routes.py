@@ -17,6 +17,8 @@ from .schemas import (
     ClassifyResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     KeyCreated,
     KeyInfo,
@@ -29,8 +31,10 @@ from .schemas import (
     Tenant,
     TenantCreate,
     TenantList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
-from .serving import GenerationCall, classify
+from .serving import GenerationCall, classify, detokenize, tokenize
 from .state import AppState
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -53,6 +57,7 @@ STREAMED: dict[int | str, dict[str, Any]] = {
 UNAVAILABLE: dict[int | str, dict[str, Any]] = {503: {"description": "Loading, draining, or an engine stopped."}}
 
 health = APIRouter(tags=["health"])
+tokens = APIRouter(tags=["tokenizer"], responses=ERRORS)  # at the root, where vLLM serves them
 inference = APIRouter(prefix="/v1", tags=["inference"], responses=ERRORS)
 admin = APIRouter(prefix="/v1/admin", tags=["admin"], responses=ERRORS)
 
@@ -116,6 +121,16 @@ async def _generate(
     call = GenerationCall(state, state.model(body.model, "generate"), principal, body)
     await call.start()
     return call.stream() if body.stream else await call.respond(request)
+
+
+@tokens.post("/tokenize")
+async def tokenize_prompt(body: TokenizeRequest, state: State, _: CurrentPrincipal) -> TokenizeResponse:
+    return tokenize(state.served(body.model), body)
+
+
+@tokens.post("/detokenize")
+async def detokenize_tokens(body: DetokenizeRequest, state: State, _: CurrentPrincipal) -> DetokenizeResponse:
+    return detokenize(state.served(body.model), body)
 
 
 @inference.post("/classify")

@@ -21,6 +21,7 @@ from .schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatResponseMessage,
     Classification,
     ClassifyRequest,
@@ -29,7 +30,11 @@ from .schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     StarInfo,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     error_body,
 )
@@ -38,9 +43,9 @@ from .state import AppState, ServedModel
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def render_chat(served: ServedModel, request: ChatCompletionRequest) -> str:
+def render_chat(served: ServedModel, chat: list[ChatMessage]) -> str:
     """The prompt of a chat: the tokenizer's chat template if it has one, else a plain transcript."""
-    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    messages = [{"role": m.role, "content": m.text()} for m in chat]
     if getattr(served.tokenizer, "chat_template", None):
         rendered = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return str(rendered)
@@ -80,7 +85,7 @@ class GenerationCall:
         if body.n > self.state.settings.max_n:
             raise ApiError(f"n must be at most {self.state.settings.max_n}", "n")
         if isinstance(body, ChatCompletionRequest):
-            prompts = [render_chat(self.served, body)]
+            prompts = [render_chat(self.served, body.messages)]
             requested = body.max_completion_tokens or body.max_tokens
         else:
             prompts = body.prompts()
@@ -250,6 +255,22 @@ class GenerationCall:
             "choices": choices,
             "star": self._star(routing).model_dump(exclude_none=True),
         }
+
+
+def tokenize(served: ServedModel, body: TokenizeRequest) -> TokenizeResponse:
+    """The token ids of a prompt, or of a chat as the chat endpoint renders it, encoded as the server encodes
+    prompts (no special tokens added unless asked)."""
+    text = body.prompt if body.prompt is not None else render_chat(served, body.messages or [])
+    ids = served.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
+    return TokenizeResponse(count=len(ids), max_model_len=served.engine.max_context, tokens=ids)
+
+
+def detokenize(served: ServedModel, body: DetokenizeRequest) -> DetokenizeResponse:
+    vocabulary = len(served.tokenizer)
+    unknown = next((t for t in body.tokens if t >= vocabulary), None)
+    if unknown is not None:
+        raise ApiError(f"token id {unknown} is not in the vocabulary (size {vocabulary})", "tokens")
+    return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
 
 
 async def classify(

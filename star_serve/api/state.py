@@ -58,6 +58,13 @@ class AppState:
             raise NotFound(f"model {name!r} has no adaptable subspace (router type or adaptation off)", "model")
         return served.adapter
 
+    def served(self, name: str) -> ServedModel:
+        """Model `name`, whatever its task."""
+        served = self.models.get(name)
+        if served is None:
+            raise NotFound(f"no model named {name!r} (available: {', '.join(self.models) or 'none'})", "model")
+        return served
+
     def model(self, name: str, task: str) -> ServedModel:
         served = self.models.get(name)
         if served is None or served.task != task:
