@@ -67,7 +67,9 @@ def keys(fuzz_server: Server) -> Keys:
 
 def _served_model(path: str) -> str | None:
     """The model that a request to `path` can name."""
-    if path in ("/v1/completions", "/v1/chat/completions") or path.startswith("/v1/subspace"):
+    if path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize") or path.startswith(
+        "/v1/subspace"
+    ):
         return LM_NAME
     return CLF_NAME if path == "/v1/classify" else None
 
