@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 TenantName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
@@ -25,8 +25,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+TokenId = Annotated[int, Field(ge=0)]
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
+
+
 class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The fields completions and chat share. A field this server does not know is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate per choice.")
@@ -38,8 +44,29 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, description="As vLLM: over 1 discourages every token of the prompt and output."
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=1024, description="Token id (a string, as OpenAI) to a bias added to its logit."
+    )
+    min_tokens: int = Field(0, ge=0, description="As vLLM: tokens generated before end-of-text or a stop can end.")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64, description="As vLLM: tokens that end it.")
     return_routing: bool = Field(False, description="Report per-layer expert counts of the request's tokens.")
     ignore_eos: bool = Field(False, description="Generate `max_tokens` tokens even past end-of-text (as vLLM).")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {key[:32]!r} is not one")
+        return bias
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     @field_validator("stop")
     @classmethod
@@ -57,17 +84,42 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Text | list[Text] = Field(..., description="One prompt, or a list of prompts.")
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(
+        ..., description="A prompt, a list of prompts, a prompt's token ids, or a list of those."
+    )
+    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate per choice; 0 only with `echo`.")
+    echo: bool = Field(False, description="Return the prompt before the completion (with `logprobs`, its tokens').")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Log-probability of each token, with this many most likely."
+    )
+    best_of: int | None = Field(None, ge=1, le=128, description="Generate this many, return the `n` most likely.")
 
     @field_validator("prompt")
     @classmethod
-    def _non_empty(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and not 1 <= len(prompt) <= 64:
+    def _non_empty(cls, prompt: str | list[Any]) -> str | list[Any]:
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and len(prompt) > 64:
             raise ValueError("give between 1 and 64 prompts")
         return prompt
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of < info.data.get("n", 1):
+            raise ValueError("best_of must be at least n")
+        if best_of is not None and best_of > 1 and info.data.get("stream"):
+            raise ValueError("best_of cannot be streamed: the best are known only at the end")
+        return best_of
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt[0], int):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 class ContentPart(BaseModel):
@@ -123,6 +175,15 @@ class DetokenizeResponse(BaseModel):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="With logprobs: most likely per token.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
 
 class Usage(BaseModel):
@@ -141,10 +202,20 @@ class StarInfo(BaseModel):
     )
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: per token, its text, log-probability (null for a prompt's first
+    token), the most likely alternatives, and its character offset in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -163,10 +234,24 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 

@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -15,12 +15,15 @@ from fastapi.responses import StreamingResponse
 
 from ..engine import ClassificationEngine, GenerationEngine, GenerationOutput, SamplingParams
 from ..engine.generation import GenerationStream, SequenceRequest
+from ..engine.types import TokenLogprob
 from .auth import Principal
 from .errors import ApiError, ClientDisconnected, GenerationFailed
+from .logprobs import chat_logprobs, completion_logprobs, echoed_logprobs, mean_logprob
 from .schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessage,
     ChatResponseMessage,
     Classification,
@@ -28,6 +31,7 @@ from .schemas import (
     ClassifyResponse,
     ClassifyUsage,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -56,8 +60,12 @@ def render_chat(served: ServedModel, chat: list[ChatMessage]) -> str:
 class _Choice:
     index: int
     stream: GenerationStream
+    prompt: int  # which of the request's prompts it continues
     text: list[str] = field(default_factory=list)
     final: GenerationOutput | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    token_chars: int = 0  # the text length of the tokens whose log-probabilities went out: the next offset
 
 
 class GenerationCall:
@@ -76,46 +84,96 @@ class GenerationCall:
         self.created = int(time.time())
         self.arrived = time.monotonic()
         self.choices: list[_Choice] = []
+        self.prompts: list[tuple[str, list[int]]] = []  # each prompt's text and ids
         self.prompt_tokens = 0
+        self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.best_of = (body.best_of or body.n) if isinstance(body, CompletionRequest) else body.n
 
     async def start(self) -> None:
         """Tokenizes and queues every choice; raises before any response byte is sent."""
         body, engine = self.body, self.served.engine
         assert isinstance(engine, GenerationEngine)
-        if body.n > self.state.settings.max_n:
-            raise ApiError(f"n must be at most {self.state.settings.max_n}", "n")
-        if isinstance(body, ChatCompletionRequest):
-            prompts = [render_chat(self.served, body.messages)]
-            requested = body.max_completion_tokens or body.max_tokens
-        else:
-            prompts = body.prompts()
-            requested = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        encoded = [self.served.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if self.best_of > self.state.settings.max_n:
+            param = "best_of" if body.n < self.best_of else "n"
+            raise ApiError(f"{param} must be at most {self.state.settings.max_n}", param)
+        if isinstance(body, CompletionRequest) and body.max_tokens == 0 and not body.echo:
+            raise ApiError("max_tokens 0 needs echo: there would be nothing to return", "max_tokens")
+        self.prompts = self._encode()
+        params = self._params()
         requests = []
-        for ids in encoded:
+        for _, ids in self.prompts:
             if not ids:
                 raise ApiError("the prompt is empty", "prompt")
-            max_tokens = requested or max(1, engine.max_context - len(ids))
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                stop=body.stop_sequences(),
-                seed=body.seed,
-                ignore_eos=body.ignore_eos,
-            )
+            max_tokens = params.max_tokens if params.max_tokens >= 0 else max(1, engine.max_context - len(ids))
+            if body.min_tokens > max_tokens:
+                raise ApiError(f"min_tokens ({body.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
+            mine = replace(params, max_tokens=max_tokens)
             requests += [
-                SequenceRequest(
-                    ids, params, self.principal.tenant, body.return_routing, choice, incremental=body.stream
-                )
-                for choice in range(body.n)
+                SequenceRequest(ids, mine, self.principal.tenant, body.return_routing, choice, incremental=body.stream)
+                for choice in range(self.best_of)
             ]
         if self.served.adapter is not None:  # a tenant's first request after a restart uses its latest version
             await self.served.adapter.ensure_loaded(self.principal.tenant)
         streams = engine.submit(requests)
-        self.prompt_tokens = sum(len(ids) for ids in encoded)  # each prompt counted once, as OpenAI does
-        self.choices = [_Choice(i, s) for i, s in enumerate(streams)]
+        self.prompt_tokens = sum(len(ids) for _, ids in self.prompts)  # each prompt counted once, as OpenAI does
+        self.choices = [_Choice(i, s, i // self.best_of) for i, s in enumerate(streams)]
         self.state.metrics.prompt_tokens.labels(self.served.name).inc(self.prompt_tokens)
+
+    def _encode(self) -> list[tuple[str, list[int]]]:
+        """Each prompt as text and token ids: a chat as rendered, text encoded without special tokens, ids
+        checked against the vocabulary and decoded (for `echo`)."""
+        body, tokenizer = self.body, self.served.tokenizer
+        if isinstance(body, ChatCompletionRequest):
+            prompts: list[str | list[int]] = [render_chat(self.served, body.messages)]
+        else:
+            prompts = body.prompts()
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                encoded.append((prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"]))
+            else:
+                self._check_tokens(prompt, "prompt")
+                encoded.append((tokenizer.decode(prompt), list(prompt)))
+        return encoded
+
+    def _check_tokens(self, tokens: list[int], param: str) -> None:
+        vocabulary = len(self.served.tokenizer)
+        unknown = next((t for t in tokens if t >= vocabulary), None)
+        if unknown is not None:
+            raise ApiError(f"token id {unknown} is not in the vocabulary (size {vocabulary})", param)
+
+    def _params(self) -> SamplingParams:
+        """The sampling parameters every sequence shares; `max_tokens` -1 where the context decides."""
+        body = self.body
+        bias = body.bias()
+        self._check_tokens([t for t, _ in bias], "logit_bias")
+        self._check_tokens(list(body.stop_token_ids or ()), "stop_token_ids")
+        if isinstance(body, ChatCompletionRequest):
+            requested = body.max_completion_tokens or body.max_tokens
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:
+            requested = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
+            logprobs = body.logprobs
+            if logprobs is None and self.best_of > body.n:
+                logprobs = 0  # what best_of ranks by
+            prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        return SamplingParams(
+            max_tokens=-1 if requested is None else requested,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_sequences(),
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            stop_token_ids=tuple(body.stop_token_ids or ()),
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=bias,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
 
     def cancel(self) -> None:
         for choice in self.choices:
@@ -131,6 +189,9 @@ class GenerationCall:
                     metrics.inter_token_latency.labels(name).observe(now - last)
                 last = now
             choice.text.append(output.text)
+            choice.logprobs += output.logprobs
+            if output.prompt_logprobs is not None:
+                choice.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is not None:
                 choice.final = output
                 metrics.generated_tokens.labels(name).inc(output.completion_tokens)
@@ -171,16 +232,21 @@ class GenerationCall:
             self._record("error")
             raise GenerationFailed("generation failed inside the engine; see the server log")
         self._record("ok")
-        routing = [c.final.routing or [] for c in self.choices if c.final] if self.body.return_routing else None
-        reasons = [_openai_reason(c.final) for c in self.choices]
-        if self.chat:
+        chosen = self._best()
+        routing = [c.final.routing or [] for c in chosen if c.final] if self.body.return_routing else None
+        if isinstance(self.body, ChatCompletionRequest):
             return ChatCompletionResponse(
                 id=self.id,
                 created=self.created,
                 model=self.served.name,
                 choices=[
-                    ChatChoice(index=c.index, message=ChatResponseMessage(content="".join(c.text)), finish_reason=r)
-                    for c, r in zip(self.choices, reasons, strict=True)
+                    ChatChoice(
+                        index=i,
+                        message=ChatResponseMessage(content="".join(c.text)),
+                        logprobs=chat_logprobs(self.served.token_texts, c.logprobs) if self.body.logprobs else None,
+                        finish_reason=_openai_reason(c.final),
+                    )
+                    for i, c in enumerate(chosen)
                 ],
                 usage=self._usage(),
                 star=self._star(routing),
@@ -190,12 +256,45 @@ class GenerationCall:
             created=self.created,
             model=self.served.name,
             choices=[
-                CompletionChoice(index=c.index, text="".join(c.text), finish_reason=r)
-                for c, r in zip(self.choices, reasons, strict=True)
+                CompletionChoice(
+                    index=i,
+                    text=(self.prompts[c.prompt][0] if self.echo else "") + "".join(c.text),
+                    logprobs=self._completion_logprobs(c, c.logprobs, c.prompt_logprobs),
+                    finish_reason=_openai_reason(c.final),
+                )
+                for i, c in enumerate(chosen)
             ],
             usage=self._usage(),
             star=self._star(routing),
         )
+
+    def _best(self) -> list[_Choice]:
+        """The choices to return: with `best_of`, each prompt's `n` of highest log-probability per token."""
+        if self.best_of == self.body.n:
+            return self.choices
+        chosen: list[_Choice] = []
+        for start in range(0, len(self.choices), self.best_of):
+            candidates = self.choices[start : start + self.best_of]
+            chosen += sorted(candidates, key=lambda c: mean_logprob(c.logprobs), reverse=True)[: self.body.n]
+        return chosen
+
+    def _completion_logprobs(
+        self, choice: _Choice, generated: list[TokenLogprob], scored: list[TokenLogprob] | None
+    ) -> CompletionLogprobs | None:
+        """A completion choice's log-probabilities where asked: with `echo`, the prompt's first (`scored`
+        given, in the response or the stream's first chunk of the choice), then the generated tokens', their
+        offsets going on from those of the choice's earlier chunks."""
+        body = self.body
+        if not isinstance(body, CompletionRequest) or body.logprobs is None:
+            return None
+        texts = self.served.token_texts
+        if scored is not None:
+            result = echoed_logprobs(texts, self.prompts[choice.prompt][1], scored, generated)
+        else:
+            result = completion_logprobs(texts, generated, choice.token_chars)
+        if result.tokens:
+            choice.token_chars = result.text_offset[-1] + len(result.tokens[-1])
+        return result
 
     def stream(self) -> StreamingResponse:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -209,19 +308,25 @@ class GenerationCall:
                 for c in self.choices:
                     yield _sse(self._chunk(c.index, {"role": "assistant", "content": ""}, None))
             remaining = len(self.choices)
+            echoed: set[int] = set()
             while remaining:
                 choice, output = await sink.get()
                 if output.finish_reason == "error":
                     outcome = "error"
                     yield _sse(error_body("generation failed inside the engine", "internal_error", None, 500))
                     break
+                if self.echo and choice.index not in echoed:  # the prompt first, scored once prefilled
+                    echoed.add(choice.index)
+                    text = self.prompts[choice.prompt][0]
+                    scored = self._completion_logprobs(choice, [], output.prompt_logprobs or [])
+                    yield _sse(self._chunk(choice.index, text, None, logprobs=scored))
                 reason = _openai_reason(output) if output.finish_reason is not None else None
                 remaining -= reason is not None
                 if not output.text and reason is None:
                     continue
                 routing = [output.routing or []] if reason and self.body.return_routing else None
                 content = {"content": output.text} if self.chat else output.text
-                yield _sse(self._chunk(choice.index, content, reason, routing))
+                yield _sse(self._chunk(choice.index, content, reason, routing, self._chunk_logprobs(choice, output)))
             include_usage = self.body.stream_options is not None and self.body.stream_options.include_usage
             if include_usage:
                 yield _sse(self._chunk(None, None, None) | {"choices": [], "usage": self._usage().model_dump()})
@@ -240,13 +345,28 @@ class GenerationCall:
         metrics.request_latency.labels(self.served.name, endpoint).observe(time.monotonic() - self.arrived)
         metrics.requests.labels(self.served.name, endpoint, outcome).inc()
 
-    def _chunk(self, index: int | None, content: Any, reason: str | None, routing: Any = None) -> dict[str, Any]:
+    def _chunk_logprobs(self, choice: _Choice, output: GenerationOutput) -> CompletionLogprobs | ChatLogprobs | None:
+        """The log-probabilities of the tokens an event carries, where asked."""
+        body = self.body
+        if isinstance(body, ChatCompletionRequest):
+            return chat_logprobs(self.served.token_texts, output.logprobs) if body.logprobs else None
+        return self._completion_logprobs(choice, output.logprobs, None)
+
+    def _chunk(
+        self,
+        index: int | None,
+        content: Any,
+        reason: str | None,
+        routing: Any = None,
+        logprobs: CompletionLogprobs | ChatLogprobs | None = None,
+    ) -> dict[str, Any]:
         choices = []
         if index is not None:
+            scored = None if logprobs is None else logprobs.model_dump()
             if self.chat:
-                choices = [{"index": index, "delta": content, "logprobs": None, "finish_reason": reason}]
+                choices = [{"index": index, "delta": content, "logprobs": scored, "finish_reason": reason}]
             else:
-                choices = [{"index": index, "text": content, "logprobs": None, "finish_reason": reason}]
+                choices = [{"index": index, "text": content, "logprobs": scored, "finish_reason": reason}]
         return {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",

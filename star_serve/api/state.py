@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +15,7 @@ from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
 from ..metrics import ServingMetrics
 from .errors import ApiError, NotFound
+from .logprobs import TokenTexts
 from .tenants import TenantRegistry
 
 
@@ -27,6 +29,10 @@ class ServedModel:
     created: int
     adapter: AdaptationHandle | None = None
     live: LiveQuality | None = None  # the live loss of sampled prompts (language models that adapt)
+
+    @functools.cached_property
+    def token_texts(self) -> TokenTexts:
+        return TokenTexts(self.tokenizer)
 
 
 @dataclass

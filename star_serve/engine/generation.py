@@ -27,7 +27,7 @@ from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .live import PrefillMeter
 from .load import ExpertLoad
-from .sampling import make_generator, sample
+from .sampling import make_generator, process, sample, token_logprobs
 from .types import (
     EngineDraining,
     EngineOverloaded,
@@ -36,6 +36,7 @@ from .types import (
     RequestTooLong,
     SamplingParams,
     StepStats,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EngineConfig:
     max_running: int = 32  # KV-cache slots: sequences decoded together
     max_waiting: int = 128  # admission queue; beyond it, requests are refused (429)
     max_prefill_batch: int = 16  # newcomers prefilled in one forward
+    logprob_chunk: int = 256  # prompt positions put through the LM head at once for prompt log-probabilities
     request_timeout: float = 300.0  # seconds from submission to the last token
 
 
@@ -65,6 +67,9 @@ class _Sequence:
     cancelled: bool = False
     routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
     incremental: bool = True
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of `generated`, where asked
+    logprobs_sent: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # until the first event carries them
     submitted_at: float = field(default_factory=time.monotonic)
     queue_seconds: float | None = None
     first_token_seconds: float | None = None
@@ -325,12 +330,59 @@ class GenerationEngine:
             self._sink.submit(tenants, lengths, plan, out, ids)
         if prefill and self._meter is not None:
             self._meter(tenants, plan.versions, ids, real, out.last_hidden_state)
-        tokens = sample(next_logits, [s.params for s in batch], [s.generator for s in batch])
+        if prefill and any(s.params.prompt_logprobs is not None for s in batch):
+            self._score_prompts(batch, out.last_hidden_state)
+        scored = [s for s in batch if s.params.max_tokens == 0]  # prompt scoring only: nothing to generate
+        for seq in scored:
+            self._finish(seq, "length")
+        if scored:
+            keep = [i for i, s in enumerate(batch) if s.params.max_tokens > 0]
+            batch, next_logits = [batch[i] for i in keep], next_logits[keep]
+        self._sample(batch, next_logits)
+
+    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
+        """Draws each sequence's next token from its shaped logits; log-probabilities from the raw ones."""
+        logits = logits.float().cpu()
+        shaped = logits
+        if any(s.params.processes_logits for s in batch):
+            shaped = logits.clone()
+            for i, s in enumerate(batch):
+                if s.params.processes_logits:
+                    shaped[i] = process(logits[i], s.params, s.prompt_ids, s.generated, self._ends(s))
+        tokens = sample(shaped, [s.params for s in batch], [s.generator for s in batch])
+        wanted = [i for i, s in enumerate(batch) if s.params.logprobs is not None]
+        if wanted:
+            top = max(batch[i].params.logprobs or 0 for i in wanted)
+            entries = token_logprobs(logits[wanted], torch.tensor([tokens[i] for i in wanted]), top)
+            for i, entry in zip(wanted, entries, strict=True):
+                n = batch[i].params.logprobs or 0
+                batch[i].logprobs.append(TokenLogprob(entry.token, entry.logprob, entry.top[:n]))
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:
                 seq.first_token_seconds = time.monotonic() - seq.submitted_at
             seq.generated.append(token)
             self._emit_progress(seq)
+
+    def _score_prompts(self, batch: list[_Sequence], hidden: torch.Tensor) -> None:
+        """Each asking sequence's prompt tokens 2..n under the distribution of the position before them,
+        from the prefill's hidden states, a chunk of positions at a time through the LM head."""
+        chunk = self.config.logprob_chunk
+        for i, seq in enumerate(batch):
+            top = seq.params.prompt_logprobs
+            if top is None:
+                continue
+            targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long)
+            entries: list[TokenLogprob] = []
+            for start in range(0, len(targets), chunk):
+                logits = self.lm_head(hidden[i, start : start + min(chunk, len(targets) - start)])
+                entries += token_logprobs(logits, targets[start : start + chunk], top)
+            seq.prompt_logprobs = entries
+
+    def _ends(self, seq: _Sequence) -> tuple[int, ...]:
+        """The tokens that end `seq`: end-of-text (unless ignored) and its `stop_token_ids`."""
+        eos = self.tokenizer.eos_token_id
+        own = seq.params.stop_token_ids
+        return own if eos is None or seq.params.ignore_eos else (eos, *own)
 
     def _count_routing(self, batch: list[_Sequence], experts: tuple[torch.Tensor, ...], lengths: list[int]) -> None:
         num_experts = self.model.config.num_local_experts
@@ -348,12 +400,15 @@ class GenerationEngine:
         Text is decoded only when someone needs it: a streaming caller, a stop string to look for, or
         the end of the sequence.
         """
-        eos = seq.generated[-1] == self.tokenizer.eos_token_id and not seq.params.ignore_eos
+        early = len(seq.generated) <= seq.params.min_tokens  # the ending tokens were masked until now
+        eos = seq.generated[-1] in self._ends(seq) and not early
         out_of_room = len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context
         if not (eos or out_of_room or seq.incremental or seq.params.stop):
             return
         text = self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
         found = [text.find(stop, max(0, seq.emitted_chars - len(stop))) for stop in seq.params.stop]
+        if len(seq.generated) < seq.params.min_tokens:
+            found = []
         if any(at != -1 for at in found):  # cut at the earliest stop string, whichever it is
             self._send(seq, text[: min(at for at in found if at != -1)], final=True)
             self._finish(seq, "stop")
@@ -366,29 +421,34 @@ class GenerationEngine:
 
     def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:
         if (seq.incremental or final) and len(text) > seq.emitted_chars:
-            self._outbox.append((seq.stream, GenerationOutput(text=text[seq.emitted_chars :], token_ids=[])))
+            output = GenerationOutput(text=text[seq.emitted_chars :], token_ids=[])
+            self._outbox.append((seq.stream, self._with_logprobs(seq, output)))
             seq.emitted_chars = len(text)
+
+    @staticmethod
+    def _with_logprobs(seq: _Sequence, output: GenerationOutput) -> GenerationOutput:
+        """`output` carrying the log-probabilities not sent yet: the prompt's in the first event, then the
+        generated tokens' since the previous one."""
+        output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        output.logprobs, seq.logprobs_sent = seq.logprobs[seq.logprobs_sent :], len(seq.logprobs)
+        return output
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if seq in self._running:
             self._running.remove(seq)
             self._free_slots.append(seq.slot)
-        self._outbox.append(
-            (
-                seq.stream,
-                GenerationOutput(
-                    text="",
-                    token_ids=list(seq.generated),
-                    finish_reason=reason,
-                    prompt_tokens=len(seq.prompt_ids),
-                    completion_tokens=len(seq.generated),
-                    subspace_version=seq.version,
-                    routing=seq.routing.tolist() if seq.routing is not None else None,
-                    queue_seconds=seq.queue_seconds,
-                    first_token_seconds=seq.first_token_seconds,
-                ),
-            )
+        final = GenerationOutput(
+            text="",
+            token_ids=list(seq.generated),
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.generated),
+            subspace_version=seq.version,
+            routing=seq.routing.tolist() if seq.routing is not None else None,
+            queue_seconds=seq.queue_seconds,
+            first_token_seconds=seq.first_token_seconds,
         )
+        self._outbox.append((seq.stream, self._with_logprobs(seq, final)))
 
     def _flush(self) -> None:
         """Delivers the step's outputs with one wake-up per event loop, not one per token."""

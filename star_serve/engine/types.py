@@ -2,19 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (with `prompt_logprobs`), generate nothing
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past the end-of-text token (benchmarks)
+    min_tokens: int = 0  # before this many tokens, end-of-text, `stop_token_ids` and `stop` cannot end it
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence, as end-of-text does
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the tokens generated so far
+    repetition_penalty: float = 1.0  # CTRL's, as transformers and vLLM: prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits
+    logprobs: int | None = None  # per generated token: its log-probability and the `logprobs` most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything but temperature and top-p shapes the distribution sampled from."""
+        return bool(
+            self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw next-token distribution (before temperature,
+    penalties and biases, as vLLM reports them by default), with the most likely tokens of that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
 
 
 @dataclass
@@ -25,6 +54,8 @@ class GenerationOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "timeout" | "cancelled" | "error"
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last event
+    prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, where asked: prompt tokens 2..n
     prompt_tokens: int = 0
     completion_tokens: int = 0
     subspace_version: int = 0

@@ -17,7 +17,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 # (fields over a valid completion request, the parameter the 400 names)
 BAD_COMPLETION_FIELDS: list[tuple[dict[str, Any], str]] = [
-    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
     ({"max_tokens": "ten"}, "max_tokens"),
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": 2.5}, "temperature"),
