@@ -202,7 +202,7 @@ def cmd_bench_domains(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_synthetic(args: argparse.Namespace) -> None:
     from .bench.synthetic import SyntheticBenchConfig, run_synthetic_bench
 
-    run_synthetic_bench(SyntheticBenchConfig(out_dir=args.out, **_given(args, "seeds", "shifts")))
+    run_synthetic_bench(SyntheticBenchConfig(out_dir=args.out, **_given(args, "seeds", "shifts", "weight_decay")))
     print((args.out / "synthetic.md").read_text())
 
 
@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     domains.add_argument("--traffic-tokens", type=int, help="each tenant's traffic (default: 20480)")
     synthetic = bench.add_argument_group("synthetic", "options of `bench synthetic` (defaults: a few minutes on CPU)")
     synthetic.add_argument("--shifts", type=float, nargs="+", metavar="T", help="(default: 0.25 0.5 0.75 0.9)")
+    synthetic.add_argument("--weight-decay", type=float, help="AdamW's, training the classifiers (default: 2)")
 
     demo = sub.add_parser(
         "demo", parents=[common], help="build the demo models if needed, then generate and classify once"
