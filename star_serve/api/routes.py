@@ -33,8 +33,9 @@ from .schemas import (
     TenantList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
 )
-from .serving import GenerationCall, classify, detokenize, tokenize
+from .serving import GenerationCall, classify, detokenize, tokenize, tokenizer_info
 from .state import AppState
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -126,6 +127,11 @@ async def _generate(
 @tokens.post("/tokenize")
 async def tokenize_prompt(body: TokenizeRequest, state: State, _: CurrentPrincipal) -> TokenizeResponse:
     return tokenize(state.served(body.model), body)
+
+
+@tokens.get("/tokenizer_info")
+async def get_tokenizer_info(state: State, _: CurrentPrincipal, model: str | None = None) -> TokenizerInfo:
+    return tokenizer_info(state.served(model))
 
 
 @tokens.post("/detokenize")

@@ -38,6 +38,7 @@ class _SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate per choice.")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1, description="As vLLM: sample from the k most likely tokens; -1 or 0: all.")
     n: int = Field(1, ge=1, le=128)
     stop: str | list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -144,7 +145,7 @@ class TokenizeRequest(BaseModel):
     """`POST /tokenize`, as vLLM has it: a prompt, or a chat's messages, of one served model."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1)
+    model: str | None = Field(None, min_length=1, description="Without it, the server's one language model.")
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     add_special_tokens: bool = Field(False, description="As the server encodes prompts: none added by default.")
@@ -164,12 +165,25 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1)
+    model: str | None = Field(None, min_length=1, description="Without it, the server's one language model.")
     tokens: list[Annotated[int, Field(ge=0)]] = Field(..., max_length=1_000_000)
 
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """`GET /tokenizer_info`, as vLLM has it: what a client needs to tokenize and render chats as the server
+    does (lm-evaluation-harness's remote tokenizer reads it)."""
+
+    model: str
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str = Field(description="Jinja; the plain transcript where the tokenizer has none.")
+    model_max_length: int
 
 
 class ChatCompletionRequest(_SamplingRequest):

@@ -39,6 +39,7 @@ from .schemas import (
     StarInfo,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     Usage,
     error_body,
 )
@@ -47,13 +48,24 @@ from .state import AppState, ServedModel
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+# Where the tokenizer has no chat template: a plain transcript, `role: content` a line, then `assistant:`.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def chat_template(served: ServedModel) -> str:
+    return getattr(served.tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
+
+
 def render_chat(served: ServedModel, chat: list[ChatMessage]) -> str:
-    """The prompt of a chat: the tokenizer's chat template if it has one, else a plain transcript."""
+    """The prompt of a chat: the tokenizer's chat template if it has one, else the plain transcript."""
     messages = [{"role": m.role, "content": m.text()} for m in chat]
-    if getattr(served.tokenizer, "chat_template", None):
-        rendered = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return str(rendered)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    rendered = served.tokenizer.apply_chat_template(
+        messages, chat_template=chat_template(served), tokenize=False, add_generation_prompt=True
+    )
+    return str(rendered)
 
 
 @dataclass
@@ -162,6 +174,7 @@ class GenerationCall:
             max_tokens=-1 if requested is None else requested,
             temperature=body.temperature,
             top_p=body.top_p,
+            top_k=max(body.top_k, 0),
             stop=body.stop_sequences(),
             seed=body.seed,
             ignore_eos=body.ignore_eos,
@@ -383,6 +396,19 @@ def tokenize(served: ServedModel, body: TokenizeRequest) -> TokenizeResponse:
     text = body.prompt if body.prompt is not None else render_chat(served, body.messages or [])
     ids = served.tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
     return TokenizeResponse(count=len(ids), max_model_len=served.engine.max_context, tokens=ids)
+
+
+def tokenizer_info(served: ServedModel) -> TokenizerInfo:
+    tokenizer = served.tokenizer
+    return TokenizerInfo(
+        model=served.name,
+        tokenizer_class=type(tokenizer).__name__,
+        eos_token=tokenizer.eos_token,
+        bos_token=tokenizer.bos_token,
+        pad_token=tokenizer.pad_token,
+        chat_template=chat_template(served),
+        model_max_length=served.engine.max_context,
+    )
 
 
 def detokenize(served: ServedModel, body: DetokenizeRequest) -> DetokenizeResponse:

@@ -64,8 +64,13 @@ class AppState:
             raise NotFound(f"model {name!r} has no adaptable subspace (router type or adaptation off)", "model")
         return served.adapter
 
-    def served(self, name: str) -> ServedModel:
-        """Model `name`, whatever its task."""
+    def served(self, name: str | None) -> ServedModel:
+        """Model `name`, whatever its task; without a name, the one language model, as vLLM serves one."""
+        if name is None:
+            generating = [m for m in self.models.values() if m.task == "generate"]
+            if len(generating) != 1:
+                raise ApiError(f"name the model: this server has {len(generating)} language models", "model")
+            return generating[0]
         served = self.models.get(name)
         if served is None:
             raise NotFound(f"no model named {name!r} (available: {', '.join(self.models) or 'none'})", "model")

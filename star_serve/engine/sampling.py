@@ -1,5 +1,5 @@
 """Next-token sampling: the logits shaped per sequence (bias, penalties, minimum length), then temperature,
-nucleus (top-p) and seed; and the log-probabilities a request asks for."""
+top-k, nucleus (top-p) and seed; and the log-probabilities a request asks for."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """One token per row: argmax for temperature 0, else a draw from the tempered nucleus distribution.
+    """One token per row: argmax for temperature 0, else a draw from the tempered distribution cut to its
+    `top_k` most likely tokens, then to its nucleus.
 
     A temperature too small to divide by safely, or a distribution that is not finite, falls back to the
     argmax: one request's extreme parameters must never fail the batch it shares.
@@ -62,6 +63,10 @@ def sample(
             tokens.append(greedy[i])
             continue
         probs = torch.softmax(row / p.temperature, dim=-1)
+        if 0 < p.top_k < probs.shape[0]:
+            kth = probs.topk(p.top_k).values[-1]
+            probs = torch.where(probs >= kth, probs, 0.0)
+            probs /= probs.sum()
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p

@@ -12,6 +12,7 @@ class SamplingParams:
     max_tokens: int = 16  # 0: score the prompt only (with `prompt_logprobs`), generate nothing
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep generating past the end-of-text token (benchmarks)

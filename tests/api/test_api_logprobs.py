@@ -176,3 +176,9 @@ def test_misused_fields_are_400_naming_them(client: TestClient, path: str, field
     body = {"model": LM_NAME, "max_tokens": 4} | ({"messages": CHAT} if "chat" in path else {"prompt": PROMPT}) | fields
     error = assert_openai_error(client.post(path, json=body), 400)
     assert error["param"] == param, error
+
+
+def test_top_k_one_samples_the_most_likely_token(client: TestClient) -> None:
+    greedy = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0})
+    sampled = _post(client, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.5, "top_k": 1})
+    assert sampled["choices"][0]["text"] == greedy["choices"][0]["text"]

@@ -66,3 +66,21 @@ def test_bad_requests_are_400_naming_the_field(
 def test_an_unknown_model_is_404_listing_the_models(client: TestClient) -> None:
     error = assert_openai_error(client.post("/tokenize", json={"model": "nope", "prompt": "x"}), 404)
     assert error["param"] == "model" and LM_NAME in error["message"] and CLF_NAME in error["message"]
+
+
+def test_without_a_model_the_one_language_model_answers_and_tokenizer_info_renders_chats_as_the_server(
+    client: TestClient,
+) -> None:
+    import jinja2
+
+    prompt = "the river runs past the old stone house"
+    assert _tokenize(client, prompt=prompt) == _tokenize(client, model=LM_NAME, prompt=prompt)  # as lm-eval asks
+    assert client.post("/detokenize", json={"tokens": _tokenize(client, prompt=prompt)["tokens"]}).json() == {
+        "prompt": prompt
+    }
+    info = client.get("/tokenizer_info").json()
+    assert info == client.get("/tokenizer_info", params={"model": LM_NAME}).json()
+    assert info["model"] == LM_NAME and info["model_max_length"] == LM_CONTEXT and "eos_token" in info
+    rendered = jinja2.Template(info["chat_template"]).render(messages=CHAT, add_generation_prompt=True)
+    assert _tokenize(client, prompt=rendered)["tokens"] == _tokenize(client, messages=CHAT)["tokens"]
+    assert client.get("/tokenizer_info", params={"model": "nope"}).status_code == 404
