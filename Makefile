@@ -55,6 +55,10 @@ bench-adaptation: setup
 bench-domains: setup
 	$(BIN)/star-serve bench domains --out bench-results
 
+.PHONY: bench-lm-eval
+bench-lm-eval: setup
+	$(BIN)/star-serve bench lm-eval --out bench-results
+
 .PHONY: bench-synthetic
 bench-synthetic: setup
 	$(BIN)/star-serve bench synthetic --out bench-results
