@@ -119,11 +119,20 @@ def cmd_serve(settings: Settings) -> None:
     import uvicorn
 
     from .api.app import create_app
-    from .api.server import DrainingServer
+    from .api.server import DrainingServer, HeadTimeoutProtocol
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        http=HeadTimeoutProtocol,
+        timeout_keep_alive=settings.connection_idle_timeout,
+        limit_concurrency=settings.max_connections,
+    )
     DrainingServer(config, app.state.star, settings.drain_timeout).run()
 
 

@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     classify_max_wait_ms: float = Field(5.0, ge=0, description="How long a classify batch waits to fill.")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it is ended.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies beyond this size get 413.")
+    connection_idle_timeout: int = Field(
+        5,
+        ge=1,
+        description="Seconds a connection may wait for a complete request head, when new or after a response, "
+        "before the server closes it (uvicorn's keep-alive timeout, extended to a connection's first request).",
+    )
+    max_connections: int | None = Field(
+        1024, ge=2, description="Open connections beyond which requests get 503 (uvicorn's limit_concurrency)."
+    )
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
     cpu_threads: int | None = Field(
         None, ge=1, description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs)."

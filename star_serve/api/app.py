@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -151,7 +151,17 @@ def _alive(served: ServedModel) -> float:
 
 
 class BodyLimit:
-    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while reading."""
+    """Refuses request bodies over `max_bytes` with 413, by Content-Length or while reading.
+
+    Most clients (Python's urllib, the openai client) send the whole body before they read a response, and a
+    server that closes a connection with unread bytes in it resets it: the client sees `Connection reset`, not
+    the 413. So a refused body of announced length is read and thrown away first, up to `LINGER_FACTOR` times
+    the limit and for `LINGER_SECONDS` at most, as nginx's lingering close does. A larger announced body, one
+    sent with `Expect: 100-continue` (whose client waits for the answer before sending) and a chunked body of
+    unknown length are refused at once."""
+
+    LINGER_FACTOR = 4
+    LINGER_SECONDS = 10.0
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -160,8 +170,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            waits = headers.get(b"expect", b"").lower() == b"100-continue"
+            if int(declared) <= (1 + self.LINGER_FACTOR) * self.max_bytes and not waits:
+                await _discard(receive, int(declared), self.LINGER_SECONDS)
             await _send_error(send, 413, f"request body over {self.max_bytes} bytes")
             return
         seen = 0
@@ -176,6 +190,23 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+async def _discard(receive: Receive, budget: int, seconds: float) -> None:
+    """Reads and drops the rest of a request body: until its end, `budget` bytes, or `seconds`."""
+
+    async def drain() -> None:
+        read = 0
+        while read < budget:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with suppress(TimeoutError):
+        await asyncio.wait_for(drain(), seconds)
 
 
 class InFlight:

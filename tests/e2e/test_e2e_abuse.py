@@ -13,15 +13,19 @@ import json
 import os
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import openai
 import pytest
 
 from .support import CLF_CONTEXT, CLF_NAME, LM_CONTEXT, LM_NAME, Launcher, Server, assert_openai_error, wait_until
 
 BODY_LIMIT = 1 << 20  # STAR_MAX_BODY_BYTES of this module's server (the product default)
+IDLE_TIMEOUT = 5  # STAR_CONNECTION_IDLE_TIMEOUT of this module's server (the product default)
 RSS_GROWTH_MB = 200  # how much resident memory the whole abuse may leave behind
 FD_GROWTH = 16  # open descriptors the abuse may leave behind (log files, pooled client connections)
 QUICK = 5.0  # seconds within which a small request must be served while the abuse goes on
@@ -353,11 +357,13 @@ def test_slow_body_does_not_hold_up_other_clients(abuse_server: Server, baseline
     assert json.loads(answer)["usage"]["completion_tokens"] == 2
 
 
-def test_idle_connections_do_not_hold_up_other_clients(abuse_server: Server, baseline: Baseline) -> None:
-    """Hundreds of connections that send nothing, or half a request head, leave the server serving others;
-    closing them gives every descriptor back."""
+def test_idle_connections_are_closed_and_do_not_hold_up_other_clients(abuse_server: Server, baseline: Baseline) -> None:
+    """Hundreds of connections that send nothing, or half a request head, leave the server serving others; the
+    server closes each of them once the idle timeout (the product default, 5 s) has passed, and every
+    descriptor comes back."""
     idle = 300
-    sockets = [connect(abuse_server) for _ in range(idle)]
+    opened = time.monotonic()
+    sockets = [connect(abuse_server, timeout=IDLE_TIMEOUT + 10) for _ in range(idle)]
     try:
         for sock in sockets[::3]:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applic")
@@ -370,6 +376,10 @@ def test_idle_connections_do_not_hold_up_other_clients(abuse_server: Server, bas
         response = abuse_server.http.post("/v1/classify", json={"model": CLF_NAME, "input": "still serving?"})
         assert response.status_code == 200, response.text
         assert time.monotonic() - start < 3 * QUICK
+        for sock in sockets:  # the server's end of the connection, not ours: each read ends at its close
+            assert sock.recv(1) == b""
+        assert time.monotonic() - opened >= IDLE_TIMEOUT - 1  # not before the timeout
+        assert small_completion(abuse_server) < QUICK
     finally:
         for sock in sockets:
             sock.close()
@@ -378,6 +388,43 @@ def test_idle_connections_do_not_hold_up_other_clients(abuse_server: Server, bas
         timeout=10,
         what="the server to close the idle connections",
     )
+
+
+def test_a_body_over_the_limit_reaches_clients_that_send_it_whole_as_413(
+    abuse_server: Server, baseline: Baseline
+) -> None:
+    """urllib and the openai client send the whole body before they read: they get the 413, not a reset."""
+    body = json.dumps({"model": LM_NAME, "prompt": "a" * (2 * BODY_LIMIT), "max_tokens": 1}).encode()
+    request = urllib.request.Request(
+        f"{abuse_server.base_url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert str(BODY_LIMIT) in assert_error_body(refused.value.read())["message"]
+    with pytest.raises(openai.APIStatusError) as too_big:
+        abuse_server.openai().completions.create(model=LM_NAME, prompt="a" * (2 * BODY_LIMIT), max_tokens=1)
+    assert too_big.value.status_code == 413
+    assert small_completion(abuse_server) < QUICK
+
+
+def test_connections_beyond_the_cap_get_503_until_idle_ones_are_closed(launch: Launcher) -> None:
+    cap, timeout = 20, 2
+    server = launch(env={"STAR_MAX_CONNECTIONS": str(cap), "STAR_CONNECTION_IDLE_TIMEOUT": str(timeout)})
+    try:
+        before = open_fds(server)
+        sockets = [connect(server, timeout=timeout + 10) for _ in range(cap - 1)]
+        wait_until(lambda: open_fds(server) >= before + cap - 1, timeout=10, what="the server to accept them all")
+        with connect(server, timeout=QUICK) as sock:  # the cap-th connection
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            status, _, _ = read_response(sock)
+        assert status == 503
+        for idle in sockets:
+            assert idle.recv(1) == b""  # closed by the server after its idle timeout
+            idle.close()
+        assert server.http.get("/health").status_code == 200
+    finally:
+        server.terminate()
 
 
 def seconds_per_token(server: Server) -> float:
