@@ -71,6 +71,15 @@ class Settings(BaseSettings):
         "engine is bound by that lock; on a GPU the capture runs on the device, in the serving process.",
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
+    adaptation_max_tenants: int = Field(
+        10_000,
+        ge=1,
+        description="Tenants whose adaptation state a replica keeps in memory, the least recently used beyond "
+        "it forgotten (their committed versions and settings stay in the store and load on their next request).",
+    )
+    adaptation_tenant_idle: float = Field(
+        3600.0, gt=0, description="Seconds without a request after which a tenant's adaptation state is forgotten."
+    )
     adaptation_min_tokens: int = Field(512, ge=1, description="Tokens of statistics that make one GHA step.")
     adaptation_min_interval: float = Field(
         1.0, ge=0, description="Seconds between a tenant's GHA steps at least, however busy it is."

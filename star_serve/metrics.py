@@ -142,6 +142,17 @@ class _AdaptationCollector(Collector):
             "Rollbacks to the trained bases by the quality gate: the served version scored worse than them.",
             labels=["model"],
         )
+        resident = GaugeMetricFamily(
+            "star_adaptation_tenants_resident",
+            "Tenants whose adaptation state is in this replica's memory (at most STAR_ADAPTATION_MAX_TENANTS).",
+            labels=["model"],
+        )
+        evicted = CounterMetricFamily(
+            "star_adaptation_tenants_evicted",
+            "Tenants forgotten here (least recently used or idle), to load again from the store when they return; "
+            "uncommitted: their uncommitted sync-mode statistics went with them.",
+            labels=["model", "kind"],
+        )
         store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
         store_up = GaugeMetricFamily("star_store_up", "1 while the snapshot store answers.", labels=["model"])
         drift = GaugeMetricFamily(
@@ -177,6 +188,9 @@ class _AdaptationCollector(Collector):
             rollbacks.add_metric([name], stats.rollbacks)
             quality_rollbacks.add_metric([name], stats.quality_rollbacks)
             store_errors.add_metric([name], stats.store_errors)
+            resident.add_metric([name], report.resident)
+            evicted.add_metric([name, "clean"], stats.evicted - stats.evicted_uncommitted)
+            evicted.add_metric([name, "uncommitted"], stats.evicted_uncommitted)
             store_up.add_metric([name], float(report.store_ok))
             for health in report.health:
                 drift.add_metric([name, health.tenant], health.drift)
@@ -194,6 +208,8 @@ class _AdaptationCollector(Collector):
             writes,
             rollbacks,
             quality_rollbacks,
+            resident,
+            evicted,
             store_errors,
             store_up,
             drift,

@@ -31,6 +31,7 @@ class AdaptationReport:
     bus_dropped: int  # batches the statistics bus had no room for
     store_ok: bool
     health: list[TenantHealth]
+    resident: int = 0  # tenants whose state is in memory here
 
 
 class Admin:
@@ -94,7 +95,11 @@ class Admin:
         """The counters and health that the metrics export (`top` tenants by traffic, then "other")."""
         tenants = self.tenants
         dropped = tenants.pending.dropped_tokens
-        return AdaptationReport(tenants.stats, dropped, self.bus.dropped, tenants.store_ok, self.health(top))
+        with tenants.lock:
+            resident = len(tenants.states)
+        return AdaptationReport(
+            tenants.stats, dropped, self.bus.dropped, tenants.store_ok, self.health(top), resident=resident
+        )
 
 
 def _losses(verdict: Verdict | None) -> tuple[float, float] | None:

@@ -49,7 +49,11 @@ class Follower:
                 tenants.store_failed("polling versions")
                 continue
             for tenant, (version, settings) in heads.items():
-                tenants.configured(tenant, tenants.states[tenant], settings)
+                with tenants.lock:
+                    state = tenants.states.get(tenant)
+                if state is None:  # forgotten meanwhile: it loads its latest when it returns
+                    continue
+                tenants.configured(tenant, state, settings)
                 try:
                     await tenants.refresh(tenant, version)
                 except Exception:

@@ -161,7 +161,7 @@ class Ingest:
         """Returns an unpublished batch to pending (statistics add up, so this stays bounded)."""
         tenants = self.tenants
         with tenants.lock:
-            state = tenants.states[batch.tenant]
+            state = tenants.state(batch.tenant)  # forgotten while publishing: counted against its reload
             self.holdback.waiting.add(batch.tenant, batch.held)
             if not tenants.counts(state, batch.version) or not tenants.pending.put_back(
                 batch.tenant, batch.stats, batch.load, batch.first_seen

@@ -98,6 +98,12 @@ class SyncAdapter:
         self.config = tenants.config
         self.states: dict[str, SyncState] = {}  # under `tenants.lock`
         tenants.on_drop.append(self._forget)
+        tenants.on_evict.append(self._evict)
+
+    def _evict(self, tenant: str) -> bool:
+        """Forgets the tenant's uncommitted count (its bank row keeps what it learnt); whether there was one."""
+        synced = self.states.pop(tenant, None)
+        return synced is not None and synced.tokens > 0
 
     def _forget(self, tenant: str) -> None:
         state = self.states.get(tenant)
@@ -125,7 +131,7 @@ class SyncAdapter:
                     continue
                 sequences = torch.tensor([t == tenant for t in tenants])
                 position = int(plan.routing.index[first])
-                adapting[tenant] = SyncTenant(position, sequences, self.tenants.states[tenant].learning_rate)
+                adapting[tenant] = SyncTenant(position, sequences, self.tenants.state(tenant).learning_rate)
         if not adapting:
             return None
         return SyncUpdate(plan, adapting, lengths, bank.trained, self.config.capture, self.config.guard)

@@ -3,6 +3,10 @@ tenant's committed version and settings as loaded from the store, its counters, 
 them that every job needs (load a tenant, adopt a version, roll back). One lock guards the states between
 the engine thread and the event loop.
 
+The states are an LRU: beyond `max_tenants`, or idle for `idle_seconds`, a tenant is forgotten here (`trim`),
+its committed versions and settings being in the store, where `ensure_loaded` finds them on its next request;
+a tenant with statistics waiting to be published, or a step in progress, is kept until they are done.
+
 Staleness is decided in one place, `staleness`: statistics are exact for the version they were taken
 against; a batch a few versions behind (a replica that had not yet heard of the latest commit) folds into
 the current basis as an asynchronous-SGD step would, one more than `max_staleness` behind is dropped, and
@@ -18,7 +22,8 @@ import json
 import logging
 import math
 import threading
-from collections import Counter, defaultdict, deque
+import time
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -64,6 +69,8 @@ class AdaptationConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     poll_interval: float = 2.0  # seconds between confirmations of the latest versions in the store
     pending_tenants: int = 256  # tenants whose statistics can wait for publication at once
+    max_tenants: int = Settings.default("adaptation_max_tenants")  # tenants whose state is kept here
+    idle_seconds: float = Settings.default("adaptation_tenant_idle")  # after which a tenant's state is forgotten
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdaptationConfig:
@@ -72,6 +79,8 @@ class AdaptationConfig:
             learning_rate=settings.adaptation_learning_rate,
             min_tokens=settings.adaptation_min_tokens,
             min_interval=settings.adaptation_min_interval,
+            max_tenants=settings.adaptation_max_tenants,
+            idle_seconds=settings.adaptation_tenant_idle,
             capture=CaptureConfig.from_settings(settings),
             quality=QualityConfig.from_settings(settings),
         )
@@ -92,6 +101,7 @@ class TenantState:
     loaded: bool = False  # the store has been asked for this tenant's latest version and settings
     frozen_entropy: list[float] | None = None  # per layer: the expert-load entropy of its trained routing
     verdict: Verdict | None = None  # the quality gate's last judgement of a candidate
+    used: float = field(default_factory=time.monotonic)  # when a request or a capture last touched it
 
     @property
     def drift(self) -> float:
@@ -108,6 +118,8 @@ class AdaptationStats:
     store_errors: int = 0
     rollbacks: int = 0
     quality_rollbacks: int = 0  # of the rollbacks, those the quality gate made (the served version scored worse)
+    evicted: int = 0  # tenants forgotten here (least recently used, or idle), to be loaded again when they return
+    evicted_uncommitted: int = 0  # of those, tenants whose uncommitted statistics went with them (sync mode)
     captured: CaptureCounts = field(default_factory=CaptureCounts)
     # Statistics batches: "published" here; as their owner, "applied", "duplicate" (applied before),
     # "stale" (too old a basis), "frozen", "refused" (a step the guardrails refused, or a rollback),
@@ -124,7 +136,7 @@ class Tenants:
     ) -> None:
         self.model, self.bank, self.store, self.config = model, bank, store, config
         self.trained = trained.detach().float().cpu()  # (L, E, D)
-        self.states: dict[str, TenantState] = {}
+        self.states: OrderedDict[str, TenantState] = OrderedDict()  # least recently used first
         self.pending = PendingStatistics(config.pending_tenants)  # async mode: captured, not yet published
         self.stats = AdaptationStats()
         self.lock = threading.Lock()  # guards `states`, `pending` and `stats` between the engine thread and the loop
@@ -134,6 +146,7 @@ class Tenants:
         self.store_ok = True  # the last store operation succeeded
         self.on_commit: Callable[[float], None] | None = None  # called with each applied batch's lag
         self.on_drop: list[Callable[[str], None]] = []  # forget a tenant's uncommitted statistics elsewhere
+        self.on_evict: list[Callable[[str], bool]] = []  # forget a tenant elsewhere; True: uncommitted went too
 
     @property
     def serving(self) -> bool:
@@ -141,8 +154,38 @@ class Tenants:
         return self.config.mode in ("async", "sync")
 
     def state(self, tenant: str) -> TenantState:
-        """The tenant's state, created on first sight. Under `lock`."""
-        return self.states.setdefault(tenant, TenantState(learning_rate=self.config.learning_rate))
+        """The tenant's state, created on first sight, and marked used. Under `lock`."""
+        state = self.states.get(tenant)
+        if state is None:
+            state = self.states[tenant] = TenantState(learning_rate=self.config.learning_rate)
+        else:
+            self.states.move_to_end(tenant)
+            state.used = time.monotonic()
+        return state
+
+    def trim(self) -> int:
+        """Forgets the least recently used tenants beyond `max_tenants` and those idle for `idle_seconds`,
+        but not one with statistics waiting to be published or a step in progress; how many it forgot.
+        Walks only the tenants it forgets and the busy ones it skips, not every tenant."""
+        now, limit, idle = time.monotonic(), self.config.max_tenants, self.config.idle_seconds
+        with self.lock:
+            victims: list[str] = []
+            for tenant, state in self.states.items():
+                if len(self.states) - len(victims) <= limit and now - state.used < idle:
+                    break
+                if not self._busy(tenant):
+                    victims.append(tenant)
+            for tenant in victims:
+                del self.states[tenant]
+                self.steps.pop(tenant, None)
+                uncommitted = [forget(tenant) for forget in self.on_evict]
+                self.stats.evicted += 1
+                self.stats.evicted_uncommitted += any(uncommitted)
+        return len(victims)
+
+    def _busy(self, tenant: str) -> bool:
+        step = self.steps.get(tenant)
+        return self.pending.version(tenant) is not None or (step is not None and step.locked())
 
     @staticmethod
     def counts(state: TenantState, version: int) -> bool:
@@ -175,6 +218,7 @@ class Tenants:
             with contextlib.suppress(TimeoutError):  # a batch held back by `min_interval` falls due
                 await asyncio.wait_for(self.wakeup.wait(), until_due())
             self.wakeup.clear()
+            self.trim()
             with self.lock:
                 waiting = [t for t, s in self.states.items() if not s.loaded or due(t, s)]
             for tenant in waiting:
@@ -213,6 +257,7 @@ class Tenants:
             if not state.loaded and snapshot is not None and snapshot.version > state.version:
                 self.adopt(tenant, state, snapshot)
             state.loaded = True
+        self.trim()  # a newcomer may push the least recently used out
         return state
 
     def configured(self, tenant: str, state: TenantState, settings: dict[str, str]) -> None:
