@@ -154,6 +154,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "lm-eval":
         cmd_bench_harness(args, settings)
         return
+    if args.name == "tenants":
+        cmd_bench_tenants(args, settings)
+        return
     if args.model is None:
         from .training.demo import ensure_demo_models
 
@@ -229,6 +232,18 @@ def cmd_bench_harness(args: argparse.Namespace, settings: Settings) -> None:
     print((args.out / "lm-eval.md").read_text())
 
 
+def cmd_bench_tenants(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.tenants import TenantsBenchConfig, run_tenants_bench
+
+    if args.model is None:
+        from .training.demo import ensure_demo_models
+
+        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    given = _given(args, "engine_tenants", "http_tenants")
+    run_tenants_bench(TenantsBenchConfig(model=args.model, out_dir=args.out, **given))
+    print((args.out / "tenants.md").read_text())
+
+
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named options that were given on the command line (lists as tuples); the rest keep their defaults."""
     values = {name: getattr(args, name) for name in names}
@@ -276,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
-    bench.add_argument("name", choices=("serving", "adaptation", "calibration", "domains", "synthetic", "lm-eval"))
+    bench.add_argument(
+        "name", choices=("serving", "adaptation", "calibration", "domains", "synthetic", "lm-eval", "tenants")
+    )
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument(
         "--compare", type=Path, action="append", help="calibration: another checkpoint, measured side by side"
@@ -306,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     domains.add_argument("--traffic-tokens", type=int, help="each tenant's traffic (default: 20480)")
     synthetic = bench.add_argument_group("synthetic", "options of `bench synthetic` (defaults: a few minutes on CPU)")
     synthetic.add_argument("--shifts", type=float, nargs="+", metavar="T", help="(default: 0.25 0.5 0.75 0.9)")
+    many = bench.add_argument_group("tenants", "options of `bench tenants` (defaults: about an hour on 2 CPU cores)")
+    many.add_argument("--engine-tenants", type=int, help="tenants sent through the engine (default: 1000000)")
+    many.add_argument("--http-tenants", type=int, help="tenants sent through HTTP (default: 100000)")
     harness = bench.add_argument_group("lm-eval", "options of `bench lm-eval` (needs lm_eval[hf])")
     harness.add_argument("--docs", type=int, help="documents of the continuation task (default: 200)")
     synthetic.add_argument("--weight-decay", type=float, help="AdamW's, training the classifiers (default: 2)")
