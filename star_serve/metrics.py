@@ -5,6 +5,7 @@ The engine reports plain stats objects; this module is the one place that turns 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .adaptation import AdaptationHandle, load_entropy
+from .adaptation import AdaptationHandle, TenantBank, load_entropy
 from .adaptation.live import LiveQuality
 from .engine.types import EngineStats, StepStats
 
@@ -100,6 +101,10 @@ class ServingMetrics:
         """Reads running and waiting counts from the engines at scrape time."""
         self.registry.register(_EngineCollector(engines))
 
+    def watch_banks(self, banks: Callable[[], Iterable[tuple[str, TenantBank]]], limit: int) -> None:
+        """Lists, at scrape time, the tenants whose bases each model holds on its device (`limit` at most)."""
+        self.registry.register(_AffinityCollector(banks, limit))
+
     def watch_adapters(self, adapters: Callable[[], Iterable[tuple[str, AdaptationHandle]]], top_tenants: int) -> None:
         """Reads the adaptation counters from the adapters at scrape time, and the health of their
         `top_tenants` busiest tenants (the rest as one "other")."""
@@ -153,6 +158,12 @@ class _AdaptationCollector(Collector):
             "uncommitted: their uncommitted sync-mode statistics went with them.",
             labels=["model", "kind"],
         )
+        owned = GaugeMetricFamily(
+            "star_adaptation_partition_owned",
+            "1 for each statistics partition whose tenants' updates this replica owns (tenant -> partition: "
+            "CRC-32 of the name mod the partitions; GET /v1/subspace names a tenant's owner).",
+            labels=["model", "replica", "partition"],
+        )
         store_errors = CounterMetricFamily("star_store_errors", "Failed snapshot-store operations.", labels=["model"])
         store_up = GaugeMetricFamily("star_store_up", "1 while the snapshot store answers.", labels=["model"])
         drift = GaugeMetricFamily(
@@ -189,6 +200,8 @@ class _AdaptationCollector(Collector):
             quality_rollbacks.add_metric([name], stats.quality_rollbacks)
             store_errors.add_metric([name], stats.store_errors)
             resident.add_metric([name], report.resident)
+            for partition in report.owned:
+                owned.add_metric([name, report.replica, str(partition)], 1.0)
             evicted.add_metric([name, "clean"], stats.evicted - stats.evicted_uncommitted)
             evicted.add_metric([name, "uncommitted"], stats.evicted_uncommitted)
             store_up.add_metric([name], float(report.store_ok))
@@ -210,6 +223,7 @@ class _AdaptationCollector(Collector):
             quality_rollbacks,
             resident,
             evicted,
+            owned,
             store_errors,
             store_up,
             drift,
@@ -254,6 +268,11 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         running = GaugeMetricFamily("star_requests_running", "Sequences in the running batch.", labels=["model"])
         waiting = GaugeMetricFamily("star_requests_waiting", "Requests waiting for admission.", labels=["model"])
+        kv_usage = GaugeMetricFamily(
+            "star_kv_cache_usage_ratio",
+            "Tokens held in the KV cache over its capacity (slots x context), 0 to 1.",
+            labels=["model"],
+        )
         routed = CounterMetricFamily(
             "star_expert_tokens", "Tokens each layer routed to each expert.", labels=["model", "layer", "expert"]
         )
@@ -273,6 +292,7 @@ class _EngineCollector(Collector):
         for name, stats in self._engines():
             running.add_metric([name], stats.running)
             waiting.add_metric([name], stats.waiting)
+            kv_usage.add_metric([name], stats.kv_cache_usage)
             if stats.expert_load is None:
                 continue
             total, recent = stats.expert_load  # (L, E) each
@@ -283,4 +303,27 @@ class _EngineCollector(Collector):
                     fraction.add_metric([name, str(layer), str(expert)], part)
                 entropy.add_metric([name, str(layer)], load_entropy(load))
                 max_mean.add_metric([name, str(layer)], float(share.max() * len(share)))
-        yield from (running, waiting, routed, fraction, entropy, max_mean)
+        yield from (running, waiting, kv_usage, routed, fraction, entropy, max_mean)
+
+
+class _AffinityCollector(Collector):
+    """`star_tenant_bases_info`, in the shape of vLLM's `vllm:lora_requests_info` (its label names, the scrape
+    time as value), so that a gateway's endpoint picker that prefers the replica holding a request's adapter
+    (the Gateway API Inference Extension's, with its LoRA-info metric name set to this one) prefers the replica
+    holding a tenant's bases. A tenant's bases load on any replica on demand: this is an optimisation."""
+
+    def __init__(self, banks: Callable[[], Iterable[tuple[str, TenantBank]]], limit: int) -> None:
+        self._banks, self._limit = banks, limit
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "star_tenant_bases_info",
+            "Tenants whose bases this replica holds on its device (running_lora_adapters, as MODEL:TENANT, the "
+            "name a request may give as its model; the most recently routed first, bounded), and how many it can "
+            "hold (max_lora); the value is the scrape time.",
+            labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        for name, bank in self._banks():
+            tenants = ",".join(f"{name}:{tenant}" for tenant in bank.resident_tenants(self._limit))
+            info.add_metric([name, tenants, "", str(bank.capacity)], time.time())
+        yield info

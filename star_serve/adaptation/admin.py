@@ -3,7 +3,7 @@ what the metrics read at a scrape (counters, and the health of the busiest tenan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..model.gha import orthogonality_defects, projection_distances
 from .bus import StatisticsBus
@@ -32,6 +32,8 @@ class AdaptationReport:
     store_ok: bool
     health: list[TenantHealth]
     resident: int = 0  # tenants whose state is in memory here
+    replica: str = ""  # this process's name as an owner of tenants' updates
+    owned: list[int] = field(default_factory=list)  # the partitions of tenants whose updates it owns
 
 
 class Admin:
@@ -53,7 +55,16 @@ class Admin:
             "drift": projection_distances(bases, tenants.trained).tolist(),
             "orthogonality_defect": orthogonality_defects(bases).tolist(),
             "quality": None if state.verdict is None else state.verdict.as_dict(),
+            "owner": await self._owner(tenant),
         }
+
+    async def _owner(self, tenant: str) -> dict[str, object] | None:
+        """The partition of the tenant's statistics and the replica that owns it now (None: unknown)."""
+        partition = self.bus.partition(tenant)
+        try:
+            return {"partition": partition, "replica": await self.bus.owner(partition)}
+        except Exception:  # the store is down: the rest of the description still holds
+            return None
 
     async def configure(self, tenant: str, frozen: bool | None, learning_rate: float | None) -> None:
         """Stores the tenant's settings (every replica and every restart sees them) and applies them here."""
@@ -98,7 +109,14 @@ class Admin:
         with tenants.lock:
             resident = len(tenants.states)
         return AdaptationReport(
-            tenants.stats, dropped, self.bus.dropped, tenants.store_ok, self.health(top), resident=resident
+            tenants.stats,
+            dropped,
+            self.bus.dropped,
+            tenants.store_ok,
+            self.health(top),
+            resident=resident,
+            replica=self.bus.replica,
+            owned=sorted(self.bus.owned),
         )
 
 

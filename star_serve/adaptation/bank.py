@@ -105,6 +105,12 @@ class TenantBank:
         """How many tenants have their own row on the device."""
         return len(self._rows)
 
+    def resident_tenants(self, limit: int) -> list[str]:
+        """The tenants with a row of their own on the device, the most recently routed first, `limit` at most.
+        Safe from any thread (one list() of the keys, which no other thread interleaves)."""
+        names = list(self._rows)
+        return names[: -limit - 1 : -1] if limit else []
+
     def row(self, tenant: str) -> torch.Tensor | None:
         """The tenant's own row (L, E, D) on the device, None when it routes with the trained bases. Engine
         thread only."""

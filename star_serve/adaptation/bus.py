@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import uuid
 import zlib
 from collections import deque
@@ -90,6 +92,14 @@ class Delivery:
 
 class StatisticsBus(Protocol):
     dropped: int  # batches published but dropped for want of room, as far as this process can tell
+    replica: str  # this process's name as an owner: host name and process id
+    owned: set[int]  # the partitions of tenants whose updates this process owns now
+
+    def partition(self, tenant: str) -> int: ...
+
+    async def owner(self, partition: int) -> str | None:
+        """The replica that owns `partition` now (None: no one holds it)."""
+        ...
 
     async def publish(self, batch: StatisticsBatch) -> None: ...
 
@@ -114,6 +124,14 @@ class LocalBus:
         self._capacity = capacity
         self._ready = asyncio.Event()
         self.dropped = 0
+        self.replica = f"{socket.gethostname()}-{os.getpid()}"
+        self.owned: set[int] = {0}  # one process owns every tenant: one partition, always its own
+
+    def partition(self, tenant: str) -> int:
+        return 0
+
+    async def owner(self, partition: int) -> str | None:
+        return self.replica
 
     async def publish(self, batch: StatisticsBatch) -> None:
         if len(self._queue) >= self._capacity:
@@ -166,7 +184,7 @@ class RedisStatisticsBus:
     ) -> None:
         self.redis, self.model, self.partitions = redis, model, partitions
         self.max_block = max_block
-        self.replica = replica or uuid.uuid4().hex[:12]
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}"  # the pod's name, under Kubernetes
         self.lease_ttl, self.max_entries = lease_ttl, max_entries
         self.owned: set[int] = set()
         self.dropped = 0  # streams are trimmed to about `max_entries` by Redis itself, unseen from here
@@ -180,6 +198,10 @@ class RedisStatisticsBus:
 
     def partition(self, tenant: str) -> int:
         return zlib.crc32(tenant.encode()) % self.partitions
+
+    async def owner(self, partition: int) -> str | None:
+        held = await self.redis.get(self.lease(partition))
+        return None if held is None else _text(held)
 
     async def publish(self, batch: StatisticsBatch) -> None:
         await self.redis.xadd(

@@ -120,6 +120,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.watch_adapters(
             lambda: [(n, m.adapter) for n, m in state.models.items() if m.adapter], settings.metrics_top_tenants
         )
+        metrics.watch_banks(lambda: [(n, m.bank) for n, m in state.models.items()], settings.metrics_top_tenants)
         metrics.watch_live(
             lambda: [(n, m.live) for n, m in state.models.items() if m.live], settings.metrics_top_tenants
         )

@@ -1,9 +1,12 @@
-"""Who is calling: the tenant always comes from the API key; without auth, from `X-Tenant`."""
+"""Who is calling: the tenant always comes from the API key; without auth, from `X-Tenant`. A generation
+request may also name its tenant in `model` as `MODEL:TENANT`, the way a gateway that routes by model name
+(and by the adapters a replica holds) sees it; with auth on, only the key's own tenant (or the admin key)."""
 
 from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -49,6 +52,18 @@ def get_principal(request: Request, state: Annotated[AppState, Depends(get_state
     if tenant is None:
         raise Unauthorized("invalid API key")
     return Principal(tenant=tenant, admin=False)
+
+
+def addressed(principal: Principal, model: str, served: Collection[str]) -> tuple[str, Principal]:
+    """The served model that `model` names, and who calls it: `MODEL:TENANT` addresses TENANT of MODEL."""
+    name, colon, tenant = model.rpartition(":")
+    if not colon or model in served or name not in served:
+        return model, principal
+    if not _TENANT.match(tenant):
+        raise ApiError("the tenant in MODEL:TENANT must be 1-64 letters, digits, '_', '.' or '-'", "model")
+    if not principal.admin and tenant != principal.tenant:
+        raise Forbidden(f"this key belongs to tenant {principal.tenant!r}, not {tenant!r}")
+    return name, Principal(tenant=tenant, admin=principal.admin)
 
 
 def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .auth import AdminPrincipal, CurrentPrincipal, State
+from .auth import AdminPrincipal, CurrentPrincipal, State, addressed
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -119,7 +119,8 @@ async def _generate(
     state: State,
     principal: CurrentPrincipal,
 ) -> Response | CompletionResponse | ChatCompletionResponse:
-    call = GenerationCall(state, state.model(body.model, "generate"), principal, body)
+    name, principal = addressed(principal, body.model, state.models)
+    call = GenerationCall(state, state.model(name, "generate"), principal, body)
     await call.start()
     return call.stream() if body.stream else await call.respond(request)
 

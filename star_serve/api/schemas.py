@@ -417,6 +417,12 @@ class SubspaceState(BaseModel):
         None, description="The quality gate's last judgement of a candidate version (None: none judged yet)."
     )
     live: LiveLoss | None = Field(None, description="The tenant's live loss on its own traffic (language models).")
+    owner: UpdateOwner | None = Field(None, description="Who applies the tenant's updates (its statistics' owner).")
+
+
+class UpdateOwner(BaseModel):
+    partition: int = Field(..., description="The statistics partition the tenant hashes to (CRC-32 mod partitions).")
+    replica: str | None = Field(..., description="The replica that holds the partition's lease (host-pid); None: none.")
 
 
 class SubspacePatch(BaseModel):

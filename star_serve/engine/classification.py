@@ -101,7 +101,7 @@ class ClassificationEngine:
         return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, self._pending.qsize(), self.expert_load.snapshot())
+        return EngineStats(0, self._pending.qsize(), expert_load=self.expert_load.snapshot())
 
     async def classify(self, texts: list[str], tenant: str, return_routing: bool = False) -> list[ClassificationResult]:
         if self.draining:

@@ -171,7 +171,10 @@ class GenerationEngine:
         return self._thread.is_alive()
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self._running), len(self._waiting), self.expert_load.snapshot())
+        running = list(self._running)
+        held = sum(s.length for s in running)
+        usage = held / (self.config.max_running * self.max_context)
+        return EngineStats(len(running), len(self._waiting), usage, expert_load=self.expert_load.snapshot())
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.max_context:

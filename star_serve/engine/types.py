@@ -90,6 +90,7 @@ class EngineStats:
 
     running: int = 0
     waiting: int = 0
+    kv_cache_usage: float = 0.0  # tokens held in the KV cache over its capacity (slots x context)
     expert_load: tuple[torch.Tensor, torch.Tensor] | None = None  # (total, recent), each (L, E), on the host
 
 

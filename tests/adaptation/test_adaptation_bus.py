@@ -5,6 +5,7 @@ returning zombie owner's copies are recognised as duplicates."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -128,5 +129,28 @@ def test_a_commit_refuses_batch_ids_already_applied(redis_url: str) -> None:
             assert await store.commit(again, expected=1, applied=["c"])
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_owner_of_a_partition_is_named_by_its_lease(redis_url: str) -> None:
+    model = f"lm-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            first = RedisStatisticsBus(redis, model, partitions=4, lease_ttl=5.0)
+            second = RedisStatisticsBus(redis, model, replica="second", partitions=4, lease_ttl=5.0)
+            assert await second.owner(second.partition("acme")) is None  # no one holds it yet
+            await _owning(first)
+            await second.maintain()  # every lease is taken: it owns none
+            assert first.owned == {0, 1, 2, 3} and second.owned == set()
+            assert first.replica.rsplit("-", 1)[1] == str(os.getpid())  # host-pid by default
+            for tenant in ("acme", "globex", "initech"):
+                assert await second.owner(second.partition(tenant)) == first.replica
+            await first.release()
+            assert await second.owner(0) is None
+        finally:
+            await redis.aclose()
 
     asyncio.run(scenario())

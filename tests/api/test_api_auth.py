@@ -170,3 +170,13 @@ def test_keys_are_stored_hashed_and_outlive_the_app(auth: TestClient, auth_setti
         response = restarted.post("/v1/completions", json=COMPLETION, headers=bearer(key))
         assert response.status_code == 200, response.text
         assert star_of(response.json())["tenant"] == "durable"
+
+
+def test_a_tenant_named_in_the_model_must_be_the_keys_own(auth: TestClient) -> None:
+    _, key = make_key(auth, "initech")
+    own = auth.post("/v1/completions", json=COMPLETION | {"model": f"{LM_NAME}:initech"}, headers=bearer(key))
+    assert own.status_code == 200 and star_of(own.json())["tenant"] == "initech"
+    other = auth.post("/v1/completions", json=COMPLETION | {"model": f"{LM_NAME}:globex"}, headers=bearer(key))
+    assert "initech" in assert_openai_error(other, 403)["message"]
+    admin = auth.post("/v1/completions", json=COMPLETION | {"model": f"{LM_NAME}:globex"}, headers=ADMIN)
+    assert admin.status_code == 200 and star_of(admin.json())["tenant"] == "globex"

@@ -3,6 +3,7 @@ tenant's own adaptation state (`/v1/subspace`, its PATCH, reset and rollback) wi
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from .support import (
     SHARED_SNAPSHOT_KEEP,
     assert_openai_error,
     metric,
+    parse_metrics,
     star_of,
 )
 
@@ -170,3 +172,41 @@ def test_rollback_body_is_validated(client: TestClient) -> None:
         error = assert_openai_error(response, 400)
         assert error["type"] == "invalid_request_error" and error["param"] == param, error
     assert _subspace(client, "rb-bad")["version"] == 0
+
+
+def test_what_a_gateway_routes_by_is_exported(client: TestClient) -> None:
+    """The queue, the KV cache's use, the tenants whose bases are on the device (in the shape of vLLM's LoRA
+    info, for an endpoint picker), and who owns a tenant's updates."""
+    _reset(client, "affine")  # a version of its own: its bases take a row of the bank once it is served
+    completion = client.post(
+        "/v1/completions", json=LM | {"prompt": "hello", "max_tokens": 2}, headers=_tenant("affine")
+    )
+    assert completion.status_code == 200 and star_of(completion.json())["subspace_version"] == 1
+    samples = parse_metrics(client.get("/metrics").text)
+    [(labels, when)] = [
+        (dict(ls), v) for (n, ls), v in samples.items() if n == "star_tenant_bases_info" and ("model", LM_NAME) in ls
+    ]
+    assert f"{LM_NAME}:affine" in labels["running_lora_adapters"].split(",") and labels["waiting_lora_adapters"] == ""
+    assert int(labels["max_lora"]) > 0 and abs(when - time.time()) < 60
+    assert metric(client, "star_kv_cache_usage_ratio", model=LM_NAME) == 0.0  # nothing running now
+    assert metric(client, "star_requests_waiting", model=LM_NAME) == 0.0
+    assert metric(client, "star_adaptation_partition_owned", model=LM_NAME, partition="0") == 1.0
+    owner = _subspace(client, "affine")["owner"]
+    assert owner["partition"] == 0 and owner["replica"].endswith(f"-{os.getpid()}")  # in-process adaptation
+
+
+def test_a_request_may_name_its_tenant_in_the_model_as_a_gateway_routes_it(client: TestClient) -> None:
+    _reset(client, "addressed")
+    by_model = client.post("/v1/completions", json={"model": f"{LM_NAME}:addressed", "prompt": "hi", "max_tokens": 1})
+    assert by_model.status_code == 200, by_model.text
+    assert star_of(by_model.json()) == {"tenant": "addressed", "subspace_version": 1, "routing": None}
+    assert by_model.json()["model"] == LM_NAME
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": f"{LM_NAME}:addressed", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    )
+    assert chat.status_code == 200 and star_of(chat.json())["tenant"] == "addressed"
+    bad = client.post("/v1/completions", json={"model": f"{LM_NAME}:no spaces", "prompt": "hi", "max_tokens": 1})
+    assert assert_openai_error(bad, 400)["param"] == "model"
+    unknown = client.post("/v1/completions", json={"model": "nope:addressed", "prompt": "hi", "max_tokens": 1})
+    assert_openai_error(unknown, 404)

@@ -419,3 +419,31 @@ def test_prometheus_loads_the_alert_rules_and_scrapes_port_8000() -> None:
     targets = [t for static in job["static_configs"] for t in static["targets"]]
     assert set(targets) == {"star-serve:8000", "star-serve-cpu:8000"}
     assert set(t.split(":")[0] for t in targets) <= _compose()["services"].keys()
+
+
+def test_the_gateway_example_picks_pods_by_metrics_star_serve_exports() -> None:
+    gateway = K8S / "gateway"
+    docs = {}
+    for resource in _yaml(gateway / "kustomization.yaml")["resources"]:
+        for doc in yaml.safe_load_all((gateway / resource).read_text()):
+            docs[(doc["kind"], doc["metadata"]["name"])] = doc
+    assert {p.name for p in gateway.glob("*.yaml")} - {"kustomization.yaml"} == set(
+        _yaml(gateway / "kustomization.yaml")["resources"]
+    )
+    pool = docs[("InferencePool", "star-serve")]["spec"]
+    server = _k8s()[("Deployment", "star-serve")]["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= server.items()
+    assert pool["targetPorts"] == [{"number": 8000}]
+    picker = _container(docs[("Deployment", "star-serve-epp")], "epp")
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in picker["args"])
+    assert flags["pool-name"] == "star-serve" and pool["endpointPickerRef"]["name"] == "star-serve-epp"
+    exported = (ROOT / "star_serve" / "metrics.py").read_text()
+    for flag in (
+        "total-queued-requests-metric",
+        "total-running-requests-metric",
+        "kv-cache-usage-percentage-metric",
+        "lora-info-metric",
+    ):
+        assert f'"{flags[flag]}"' in exported, f"{flag}: star-serve exports no {flags[flag]}"
+    [rule] = docs[("HTTPRoute", "star-serve")]["spec"]["rules"]
+    assert rule["backendRefs"][0]["kind"] == "InferencePool" and rule["backendRefs"][0]["name"] == "star-serve"
