@@ -31,7 +31,7 @@ from .live import watch_live
 from .routes import admin, health, inference, tokens
 from .schemas import error_body
 from .state import AppState, ServedModel
-from .tenants import TenantRegistry
+from .tenants import FileTenantRegistry, RedisTenantRegistry, TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ def model_sources(settings: Settings) -> dict[str, Path]:
         directory = Path(path).expanduser()
         sources[name or directory.name] = directory
     return sources
+
+
+def open_registry(settings: Settings) -> TenantRegistry:
+    """Tenants and keys in Redis, shared by every replica, when `redis_url` is set; else in the state dir."""
+    if settings.redis_url:
+        return RedisTenantRegistry.from_url(settings.redis_url)
+    return FileTenantRegistry(settings.resolved_state_dir / "tenants.json")
 
 
 def _task_of(directory: Path) -> Literal["generate", "classify"]:
@@ -99,9 +106,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = ServingMetrics()
-    state = AppState(
-        settings=settings, metrics=metrics, tenants=TenantRegistry(settings.resolved_state_dir / "tenants.json")
-    )
+    state = AppState(settings=settings, metrics=metrics, tenants=open_registry(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -134,6 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
                 served.engine.stop()
                 if served.adapter is not None:
                     await served.adapter.stop()
+            await state.tenants.close()
 
     app = FastAPI(title="star-serve", version="0.1.0", lifespan=lifespan)
     app.state.star = state

@@ -38,7 +38,7 @@ def _named_tenant(request: Request) -> str:
     return tenant
 
 
-def get_principal(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Principal:
+async def get_principal(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Principal:
     admin_key = state.settings.admin_key
     if admin_key is None:  # auth disabled: the embedded default
         return Principal(tenant=_named_tenant(request), admin=True)
@@ -48,7 +48,7 @@ def get_principal(request: Request, state: Annotated[AppState, Depends(get_state
     if hmac.compare_digest(key.encode(), admin_key.encode()):
         # The tenant comes from the key: the admin key's own traffic is the default tenant's.
         return Principal(tenant=DEFAULT_TENANT, admin=True)
-    tenant = state.tenants.tenant_of(key)
+    tenant = await state.tenants.tenant_of(key)
     if tenant is None:
         raise Unauthorized("invalid API key")
     return Principal(tenant=tenant, admin=False)

@@ -196,38 +196,35 @@ async def _subspace(state: AppState, model: str | None, tenant: str) -> Subspace
 
 @admin.post("/tenants", status_code=201)
 async def create_tenant(body: TenantCreate, state: State, _: AdminPrincipal) -> Tenant:
-    created = state.tenants.create_tenant(body.name)
+    created = await state.tenants.create_tenant(body.name)
     return Tenant(name=body.name, created=created, keys=0)
 
 
 @admin.get("/tenants")
 async def list_tenants(state: State, _: AdminPrincipal) -> TenantList:
-    counts: dict[str, int] = {}
-    for record in state.tenants.keys.values():
-        counts[record.tenant] = counts.get(record.tenant, 0) + 1
-    return TenantList(
-        data=[Tenant(name=n, created=c, keys=counts.get(n, 0)) for n, c in sorted(state.tenants.tenants.items())]
-    )
+    tenants = await state.tenants.list_tenants()
+    return TenantList(data=[Tenant(name=t.name, created=t.created, keys=t.keys) for t in tenants])
 
 
 @admin.delete("/tenants/{name}", status_code=204)
 async def delete_tenant(name: str, state: State, _: AdminPrincipal) -> Response:
-    state.tenants.delete_tenant(name)
+    await state.tenants.delete_tenant(name)
     return Response(status_code=204)
 
 
 @admin.post("/tenants/{name}/keys", status_code=201)
 async def create_key(name: str, state: State, _: AdminPrincipal) -> KeyCreated:
-    record, key = state.tenants.create_key(name)
+    record, key = await state.tenants.create_key(name)
     return KeyCreated(id=record.id, tenant=record.tenant, created=record.created, key=key)
 
 
 @admin.get("/tenants/{name}/keys")
 async def list_keys(name: str, state: State, _: AdminPrincipal) -> KeyList:
-    return KeyList(data=[KeyInfo(id=k.id, tenant=k.tenant, created=k.created) for k in state.tenants.keys_of(name)])
+    keys = await state.tenants.keys_of(name)
+    return KeyList(data=[KeyInfo(id=k.id, tenant=k.tenant, created=k.created) for k in keys])
 
 
 @admin.delete("/tenants/{name}/keys/{key_id}", status_code=204)
 async def delete_key(name: str, key_id: str, state: State, _: AdminPrincipal) -> Response:
-    state.tenants.delete_key(name, key_id)
+    await state.tenants.delete_key(name, key_id)
     return Response(status_code=204)

@@ -89,14 +89,14 @@ class Recorder:
 async def _run_engine(cfg: TenantsBenchConfig, home: Path, log: Callable[[str], None]) -> list[dict[str, Any]]:
     from ..api.app import load_served_model
     from ..api.state import AppState
-    from ..api.tenants import TenantRegistry
+    from ..api.tenants import FileTenantRegistry
     from ..config import Settings
     from ..engine.generation import GenerationEngine, SequenceRequest
     from ..engine.types import SamplingParams
     from ..metrics import ServingMetrics
 
     settings = Settings(models=[f"bench={cfg.model}"], state_dir=home / "state", cache_dir=home / "cache")
-    state = AppState(settings=settings, metrics=ServingMetrics(), tenants=TenantRegistry(home / "tenants.json"))
+    state = AppState(settings=settings, metrics=ServingMetrics(), tenants=FileTenantRegistry(home / "tenants.json"))
     served = load_served_model("bench", cfg.model, state)
     engine, adapter = served.engine, served.adapter
     assert isinstance(engine, GenerationEngine) and adapter is not None
