@@ -157,10 +157,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "tenants":
         cmd_bench_tenants(args, settings)
         return
-    if args.model is None:
-        from .training.demo import ensure_demo_models
-
-        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    args.model = args.model or _demo_lm(settings)
     config = ServingBenchConfig(
         model_dir=args.model,
         out_dir=args.out,
@@ -192,10 +189,7 @@ def cmd_bench_adaptation(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_calibration(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.calibration import CalibrationBenchConfig, run_calibration_bench
 
-    if args.model is None:
-        from .training.demo import ensure_demo_models
-
-        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    args.model = args.model or _demo_lm(settings)
     given = _given(args, "learning_rates")
     config = CalibrationBenchConfig(models=(args.model, *(args.compare or ())), out_dir=args.out, **given)
     run_calibration_bench(config)
@@ -205,10 +199,7 @@ def cmd_bench_calibration(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_domains(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.domains import DomainBenchConfig, run_domain_bench
 
-    if args.model is None:
-        from .training.demo import ensure_demo_models
-
-        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    args.model = args.model or _demo_lm(settings)
     config = DomainBenchConfig(model=args.model, out_dir=args.out, **_given(args, "seeds", "traffic_tokens"))
     run_domain_bench(config)
     print((args.out / "domains.md").read_text())
@@ -224,10 +215,7 @@ def cmd_bench_synthetic(args: argparse.Namespace) -> None:
 def cmd_bench_harness(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.harness import HarnessBenchConfig, run_harness_bench
 
-    if args.model is None:
-        from .training.demo import ensure_demo_models
-
-        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    args.model = args.model or _demo_lm(settings)
     run_harness_bench(HarnessBenchConfig(model=args.model, out_dir=args.out, **_given(args, "docs")))
     print((args.out / "lm-eval.md").read_text())
 
@@ -235,13 +223,17 @@ def cmd_bench_harness(args: argparse.Namespace, settings: Settings) -> None:
 def cmd_bench_tenants(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.tenants import TenantsBenchConfig, run_tenants_bench
 
-    if args.model is None:
-        from .training.demo import ensure_demo_models
-
-        args.model = ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
+    args.model = args.model or _demo_lm(settings)
     given = _given(args, "engine_tenants", "http_tenants")
     run_tenants_bench(TenantsBenchConfig(model=args.model, out_dir=args.out, **given))
     print((args.out / "tenants.md").read_text())
+
+
+def _demo_lm(settings: Settings) -> Path:
+    """The demo LM's directory, built first if it is not in the cache: what benchmarks run without --model."""
+    from .training.demo import ensure_demo_models
+
+    return ensure_demo_models(settings.cache_dir, settings.demo_preset).lm_dir
 
 
 def _given(args: argparse.Namespace, *names: str) -> dict[str, Any]:

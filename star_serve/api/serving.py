@@ -144,22 +144,16 @@ class GenerationCall:
             if isinstance(prompt, str):
                 encoded.append((prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"]))
             else:
-                self._check_tokens(prompt, "prompt")
+                check_vocabulary(self.served, prompt, "prompt")
                 encoded.append((tokenizer.decode(prompt), list(prompt)))
         return encoded
-
-    def _check_tokens(self, tokens: list[int], param: str) -> None:
-        vocabulary = len(self.served.tokenizer)
-        unknown = next((t for t in tokens if t >= vocabulary), None)
-        if unknown is not None:
-            raise ApiError(f"token id {unknown} is not in the vocabulary (size {vocabulary})", param)
 
     def _params(self) -> SamplingParams:
         """The sampling parameters every sequence shares; `max_tokens` -1 where the context decides."""
         body = self.body
         bias = body.bias()
-        self._check_tokens([t for t, _ in bias], "logit_bias")
-        self._check_tokens(list(body.stop_token_ids or ()), "stop_token_ids")
+        check_vocabulary(self.served, [t for t, _ in bias], "logit_bias")
+        check_vocabulary(self.served, list(body.stop_token_ids or ()), "stop_token_ids")
         if isinstance(body, ChatCompletionRequest):
             requested = body.max_completion_tokens or body.max_tokens
             logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -411,11 +405,16 @@ def tokenizer_info(served: ServedModel) -> TokenizerInfo:
     )
 
 
-def detokenize(served: ServedModel, body: DetokenizeRequest) -> DetokenizeResponse:
+def check_vocabulary(served: ServedModel, tokens: list[int], param: str) -> None:
+    """A 400 naming `param` when one of `tokens` is not an id of the model's vocabulary."""
     vocabulary = len(served.tokenizer)
-    unknown = next((t for t in body.tokens if t >= vocabulary), None)
+    unknown = next((t for t in tokens if t >= vocabulary), None)
     if unknown is not None:
-        raise ApiError(f"token id {unknown} is not in the vocabulary (size {vocabulary})", "tokens")
+        raise ApiError(f"token id {unknown} is not in the vocabulary (size {vocabulary})", param)
+
+
+def detokenize(served: ServedModel, body: DetokenizeRequest) -> DetokenizeResponse:
+    check_vocabulary(served, body.tokens, "tokens")
     return DetokenizeResponse(prompt=served.tokenizer.decode(body.tokens))
 
 
