@@ -43,6 +43,11 @@ bench: setup
 chaos: setup test-deps
 	$(BIN)/python -m pytest -q -m chaos tests/e2e/test_e2e_chaos.py
 
+# A reference-shaped Megatron checkpoint of the star-182m shape (random weights), converted and served.
+.PHONY: test-large
+test-large: setup test-deps
+	$(BIN)/python -m pytest -q -m large tests/e2e/test_e2e_megatron.py
+
 .PHONY: bench-calibration
 bench-calibration: setup
 	$(BIN)/star-serve bench calibration --out bench-results

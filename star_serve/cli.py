@@ -78,6 +78,16 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(json.dumps(result.summary, indent=2))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import UnmappableCheckpoint, convert_megatron
+
+    try:
+        summary = convert_megatron(args.load, args.vocab_file, args.merge_file, args.out)
+    except (UnmappableCheckpoint, FileNotFoundError) as error:
+        raise SystemExit(f"star-serve convert megatron: {error}") from None
+    print(json.dumps(summary, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> None:
     import torch
     from transformers.utils import logging as hf_logging
@@ -271,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--batch-size", type=int, default=16)
     calibrate.add_argument("--seed", type=int, default=0)
 
+    convert = sub.add_parser("convert", help="convert another framework's checkpoint to a star-serve model")
+    source = convert.add_subparsers(dest="source", required=True)
+    megatron = source.add_parser(
+        "megatron", help="a Megatron-LM STAR checkpoint (torch_dist or legacy), with its GPT-2 BPE tokenizer files"
+    )
+    megatron.add_argument("--load", type=Path, required=True, help="the run's checkpoint directory, or one iter_*")
+    megatron.add_argument("--vocab-file", type=Path, required=True, help="gpt2-vocab.json")
+    megatron.add_argument("--merge-file", type=Path, required=True, help="gpt2-merges.txt")
+    megatron.add_argument("--out", type=Path, required=True, help="the star-serve model directory to write")
+
     serve = sub.add_parser(
         "serve", parents=[common], help="serve models over HTTP (the demo models when no --model is given)"
     )
@@ -335,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "calibrate"):
-        {"train": cmd_train, "calibrate": cmd_calibrate}[args.command](args)
+    if args.command in ("train", "calibrate", "convert"):
+        {"train": cmd_train, "calibrate": cmd_calibrate, "convert": cmd_convert}[args.command](args)
         return
     overrides = {k: getattr(args, k, None) for k in ("device", "dtype", "host", "port", "models")}
     settings = Settings.load(args.config, **overrides)
