@@ -74,6 +74,7 @@ class TenantBank:
         self._pending: dict[str, tuple[torch.Tensor | None, int]] = {}
         self._relabels: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._evict_hooks: list[Callable[[str], None]] = []
         # The last batch's gates gathered, kept while neither its rows nor the gates change: a decode step
         # usually routes the same sequences as the one before (rows, gates generation, gathered).
         self._generation = 0
@@ -94,6 +95,11 @@ class TenantBank:
         bases that the routers moved in place. Safe from any thread."""
         with self._lock:
             self._relabels[tenant] = version
+
+    def on_evict(self, hook: Callable[[str], None]) -> None:
+        """Calls `hook(tenant)` (on the engine thread) when a tenant's row is given to another for want of
+        room: that tenant routes with the trained bases until its version is published again."""
+        self._evict_hooks.append(hook)
 
     def version(self, tenant: str) -> int:
         with self._lock:
@@ -199,7 +205,9 @@ class TenantBank:
         if self._free:
             return self._free.pop()
         if len(self._rows) >= self.capacity:  # evict the least recently used tenant
-            _, (row, _) = self._rows.popitem(last=False)
+            tenant, (row, _) = self._rows.popitem(last=False)
+            for hook in self._evict_hooks:
+                hook(tenant)
             return row
         rows = self._stack.shape[0]
         if self._used == rows:  # grow by doubling, up to the trained row plus `capacity`

@@ -28,6 +28,7 @@ class LocalAdaptation:
         gate: QualityGate | None = None,
     ) -> None:
         self.adapter = Adapter(model, trained, bank, store, config, bus, gate)
+        self.bank = bank
         experts = num_experts or trained.shape[1]
         self._sink: ForwardSink
         self._routing: BatchRouter
@@ -63,7 +64,8 @@ class LocalAdaptation:
         await self.adapter.stop()
 
     async def ensure_loaded(self, tenant: str) -> None:
-        await self.adapter.ensure_loaded(tenant)
+        # a tenant with a version of its own whose row the bank gave away for room gets it back
+        await self.adapter.ensure_loaded(tenant, republish=self.bank.version(tenant) == 0)
 
     async def describe(self, tenant: str) -> dict[str, object]:
         return await self.adapter.describe(tenant)

@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -103,7 +104,12 @@ class AdaptationProcess:
         self._report = AdaptationReport(AdaptationStats(), 0, 0, True, [])
         self._ready = threading.Event()
         self._stopping = False
-        self._loaded: set[str] = set()
+        # Tenants whose latest version the adaptation process was asked for (and published to the bank), the
+        # least recently used first, as many as it keeps states for; a tenant whose row the bank gives away
+        # for room is forgotten, so that its next request has its version published again.
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._loaded_lock = threading.Lock()
+        bank.on_evict(self._forget)
 
     @property
     def sink(self) -> ProcessObserver:
@@ -197,14 +203,23 @@ class AdaptationProcess:
         """Loads the tenant's latest version into the bank before its first request is served. While the
         adaptation process is away, serving goes on with what the bank holds (as the in-process adapter
         does while its store is down), and the next request tries again."""
-        if tenant in self._loaded:
-            return
+        with self._loaded_lock:
+            if tenant in self._loaded:
+                self._loaded.move_to_end(tenant)
+                return
         try:
             await self._call(EnsureLoaded(tenant))
         except AdaptationUnavailable:
             log.warning("serving %s of %s with its cached bases: %s", tenant, self.model, "adaptation unavailable")
             return
-        self._loaded.add(tenant)
+        with self._loaded_lock:
+            self._loaded[tenant] = None
+            while len(self._loaded) > self.config.max_tenants:
+                self._loaded.popitem(last=False)
+
+    def _forget(self, tenant: str) -> None:
+        with self._loaded_lock:
+            self._loaded.pop(tenant, None)
 
     @property
     def store_ok(self) -> bool:

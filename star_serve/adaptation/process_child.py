@@ -162,8 +162,8 @@ async def _serve(setup: Setup, control: Connection, forwards: Connection, ring: 
 
 async def _handle(adapter: Adapter, request: object, capture: threading.Thread) -> object:
     match request:
-        case EnsureLoaded(tenant):
-            await adapter.ensure_loaded(tenant)
+        case EnsureLoaded(tenant):  # asked only when the serving process's bank may lack the tenant's version
+            await adapter.ensure_loaded(tenant, republish=True)
             return None  # the tenant's state stays here
         case Describe(tenant):
             return await adapter.describe(tenant)

@@ -239,11 +239,15 @@ class Tenants:
         self.store_ok = False
         self.stats.store_errors += 1
 
-    async def ensure_loaded(self, tenant: str) -> TenantState:
-        """The tenant's state, with its latest committed version and its settings loaded on first use."""
+    async def ensure_loaded(self, tenant: str, republish: bool = False) -> TenantState:
+        """The tenant's state, with its latest committed version and its settings loaded on first use.
+        `republish`: the bank has lost the tenant's row (evicted for room), so its current version is
+        published to it again."""
         with self.lock:
             state = self.state(tenant)
             if state.loaded:
+                if republish and state.version and self.serving:
+                    self.bank.publish(tenant, state.bases, state.version)
                 return state
         try:
             snapshot = await self.store.latest(self.model, tenant)

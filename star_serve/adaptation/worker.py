@@ -36,6 +36,8 @@ from .tenants import AdaptationConfig, AdaptationStats, Tenants, TenantState
 
 log = logging.getLogger(__name__)
 
+STOP_TIMEOUT = 10.0  # seconds a shutdown waits for the adapter's tasks, then for its hand-over of statistics
+
 __all__ = ["AdaptationConfig", "AdaptationReport", "AdaptationStats", "Adapter", "TenantHealth", "TenantState"]
 
 
@@ -138,19 +140,27 @@ class Adapter:
         self._tasks = [asyncio.ensure_future(job) for job in jobs]
 
     async def stop(self) -> None:
-        """Publishes what is pending (best effort), stops the tasks and gives up ownership."""
+        """Publishes what is pending (best effort), stops the tasks and gives up ownership, each within
+        `STOP_TIMEOUT`: a shutdown never waits for good on a task stuck in a client library."""
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+            if stuck:
+                log.warning(
+                    "%d adaptation tasks of %s did not stop in %.0f s: %s", len(stuck), self.model, STOP_TIMEOUT, stuck
+                )
         try:
-            await self.ingest.publish_all()
-            await self.bus.close()
-        except Exception:
+            async with asyncio.timeout(STOP_TIMEOUT):
+                await self.ingest.publish_all()
+                await self.bus.close()
+        except Exception:  # TimeoutError included
             log.warning("could not hand over pending statistics of %s on shutdown", self.model, exc_info=True)
 
-    async def ensure_loaded(self, tenant: str) -> TenantState:
-        """The tenant's state, with its latest committed version and its settings loaded on first use."""
-        return await self.record.ensure_loaded(tenant)
+    async def ensure_loaded(self, tenant: str, republish: bool = False) -> TenantState:
+        """The tenant's state, with its latest committed version and its settings loaded on first use
+        (`republish`: and published to the bank again, which lost it)."""
+        return await self.record.ensure_loaded(tenant, republish)
 
     async def step(self, tenant: str) -> bool:
         """Folds the tenant's pending statistics into a new version here and now, bypassing the bus;

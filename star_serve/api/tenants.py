@@ -10,9 +10,11 @@ request on; each change is one atomic script, so two replicas creating the same 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import secrets
 import threading
@@ -28,6 +30,9 @@ from redis.exceptions import RedisError
 from .errors import ApiError, Conflict, NotFound
 
 KEY_PREFIX = "sk-star-"
+CLOSE_TIMEOUT = 5.0  # seconds a shutdown waits for the Redis registry's connections to close
+
+log = logging.getLogger(__name__)
 
 
 class RegistryUnavailable(ApiError):
@@ -265,7 +270,11 @@ class RedisTenantRegistry:
         return records
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.redis.aclose()
+        except Exception:  # TimeoutError included: a shutdown goes on without a clean close
+            log.warning("could not close the tenant registry's Redis connections", exc_info=True)
 
 
 @contextlib.asynccontextmanager

@@ -145,6 +145,8 @@ def test_publishing_none_reverts_to_the_trained_bases() -> None:
 
 def test_the_least_recently_looked_up_tenant_is_evicted_at_capacity() -> None:
     bank, trained = _bank(capacity=2)
+    evicted: list[str] = []
+    bank.on_evict(evicted.append)
     bank.publish("a", _bases(1), version=1)
     bank.publish("b", _bases(2), version=1)
     bank.lookup(["a", "b"])
@@ -158,12 +160,13 @@ def test_the_least_recently_looked_up_tenant_is_evicted_at_capacity() -> None:
     assert torch.equal(view.routing.bank[view.routing.index[0]], _bases(1))
     assert torch.equal(view.routing.bank[view.routing.index[2]], _bases(3))
     assert torch.equal(view.routing.bank[0], trained)
-    assert bank.resident() == 2
+    assert bank.resident() == 2 and evicted == ["b"]
     assert view.routing.bank.shape[0] <= 3  # the trained row plus `capacity` rows, no more
 
     bank.lookup(["c"])  # now a is the oldest
     bank.publish("d", _bases(4), version=2)
     assert bank.lookup(["a", "c", "d"]).versions == [0, 7, 2]
+    assert evicted == ["b", "a"]
 
 
 def test_rows_grow_as_tenants_arrive() -> None:

@@ -39,20 +39,22 @@ def _trained() -> torch.Tensor:
     return torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
 
 
-def _process(tmp_path: Path) -> tuple[AdaptationProcess, TenantBank]:
+def _process(tmp_path: Path, capacity: int = 256) -> tuple[AdaptationProcess, TenantBank]:
     trained = _trained()
-    bank = TenantBank(trained, torch.device("cpu"), torch.float32)
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32, capacity=capacity)
     config = AdaptationConfig(
         mode="async", min_tokens=TOKENS, min_interval=0.0, capture=CaptureConfig(max_token_norm=1e9)
     )
     return AdaptationProcess("lm", trained, bank, config, Backends(tmp_path), E, K, top_tenants=4), bank
 
 
-def _run(tmp_path: Path, scenario: Callable[[AdaptationProcess, TenantBank], Awaitable[None]]) -> None:
-    """Runs `scenario` against a started adaptation process, and stops it."""
+def _run(
+    tmp_path: Path, scenario: Callable[[AdaptationProcess, TenantBank], Awaitable[None]], capacity: int = 256
+) -> None:
+    """Runs `scenario` against a started adaptation process (its bank of `capacity` rows), and stops it."""
 
     async def run() -> None:
-        process, bank = _process(tmp_path)
+        process, bank = _process(tmp_path, capacity)
         await process.start()
         try:
             await scenario(process, bank)
@@ -110,6 +112,26 @@ async def _committed_version_is_the_guarded_step(process: AdaptationProcess, ban
     report = process.report(4)
     assert report.stats.steps == 1 and report.stats.captured.sampled == TOKENS + 4
     assert report.stats.batches["applied"] == 1 and report.dropped_tokens == 0
+
+
+def test_a_tenant_whose_bank_row_was_given_away_gets_its_version_published_again(tmp_path: Path) -> None:
+    _run(tmp_path, _row_given_away, capacity=1)
+
+
+async def _row_given_away(process: AdaptationProcess, bank: TenantBank) -> None:
+    await process.ensure_loaded("a")
+    process.observer.submit(["a"], [TOKENS], bank.lookup(["a"]), _out(1, TOKENS, 0))
+    await _until(lambda: bank.version("a") == 1, "tenant a's first version in the bank")
+    bases = bank.lookup(["a"]).routing.bank
+    assert bases is not None
+    mine = bases[0].clone()
+    bank.publish("x", _trained().flip(1), version=5)
+    assert bank.lookup(["x", "a"]).versions == [5, 0]  # one row: a's went to x
+
+    await process.ensure_loaded("a")  # its next request
+    await _until(lambda: bank.version("a") == 1, "tenant a's version published again")
+    view = bank.lookup(["a"])
+    assert view.routing.bank is not None and torch.equal(view.routing.bank[0], mine)
 
 
 def test_calls_and_their_errors_cross_over(tmp_path: Path) -> None:

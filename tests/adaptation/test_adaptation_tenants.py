@@ -1,6 +1,7 @@
 """The adapter's tenant states are bounded: an LRU of `max_tenants`, forgetting the idle too, never a tenant
 with statistics waiting to be published; a tenant forgotten and coming back continues from its latest
-committed version, with its frozen flag and learning rate, all of which the store keeps."""
+committed version, with its frozen flag and learning rate, all of which the store keeps; a tenant whose row
+the bank gave away for room routes with its own version again from its next request."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from star_serve.adaptation import AdaptationConfig, Adapter, CaptureConfig, LocalDirStore, TenantBank
+from star_serve.adaptation.local import LocalAdaptation
 from star_serve.model import orthonormalize
 
 L, E, D = 2, 4, 16
@@ -96,5 +98,31 @@ def test_a_forgotten_tenant_returns_with_its_version_frozen_flag_and_learning_ra
         assert state.bases is not None and torch.equal(state.bases, bases)
         _observe(adapter, "acme")  # frozen: its tokens make no statistics
         assert "acme" not in adapter.pending
+
+    asyncio.run(scenario())
+
+
+def test_a_tenant_whose_bank_row_was_given_away_routes_with_its_version_again(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    trained = torch.stack([orthonormalize(torch.randn(E, D, generator=gen)) for _ in range(L)])
+    bank = TenantBank(trained, torch.device("cpu"), torch.float32, capacity=1)
+    local = LocalAdaptation("lm", trained, bank, LocalDirStore(tmp_path), CONFIG)
+    adapter = local.adapter
+
+    async def scenario() -> None:
+        await local.ensure_loaded("acme")
+        _observe(adapter, "acme")
+        assert await adapter.step("acme")
+        bases = adapter.tenants["acme"].bases
+        assert bases is not None and bank.lookup(["acme"]).versions == [1]
+        bank.publish("other", trained.flip(1), version=3)
+        assert bank.lookup(["other", "acme"]).versions == [3, 0]  # one row: acme's went to "other"
+
+        await local.ensure_loaded("acme")  # its next request
+        view = bank.lookup(["acme"])
+        assert view.versions == [1] and view.routing.bank is not None
+        assert torch.equal(view.routing.bank[0], bases)
+        await local.ensure_loaded("acme")  # the bank holds it: nothing published again
+        assert bank.lookup(["acme"]).versions == [1]
 
     asyncio.run(scenario())
