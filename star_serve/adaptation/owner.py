@@ -112,13 +112,14 @@ class Owner:
 
     def __init__(self, tenants: Tenants, bus: StatisticsBus, gate: QualityGate | None) -> None:
         self.tenants, self.bus, self.gate = tenants, bus, gate  # gate None: every step is committed
+        self.stopping = False  # set on shutdown: `run` returns after the read it is in
 
     async def run(self) -> None:
         """Receives batches, applies them by tenant, acknowledges what was handled."""
         tenants, poll = self.tenants, self.tenants.config.poll_interval
         retry: dict[str, Delivery] = {}
         renewed = -math.inf
-        while True:
+        while not self.stopping:
             try:
                 if time.monotonic() - renewed >= poll:
                     retry.update((d.batch.id, d) for d in await self.bus.maintain())

@@ -145,7 +145,8 @@ class AdaptationProcess:
         child_control.close()
         forwards_in.close()
         self._ready.clear()
-        self._loaded.clear()  # the new process loads each tenant again on its next request
+        with self._loaded_lock:
+            self._loaded.clear()  # the new process loads each tenant again on its next request
         self._process, self._control, self._started = process, control, time.monotonic()
         self.observer.attach(ring, forwards_out)
         threading.Thread(
@@ -223,7 +224,9 @@ class AdaptationProcess:
 
     @property
     def store_ok(self) -> bool:
-        return self._report.store_ok and self.alive
+        """The store reached, as the adaptation process last reported, and that process up and serving: one
+        started again after a crash counts only once it is ready."""
+        return self._report.store_ok and self.alive and self._ready.is_set()
 
     def report(self, top: int) -> AdaptationReport:
         """A fresh report from the adaptation process (the last one if it does not answer in time), with

@@ -61,6 +61,7 @@ class Adapter:
         self.admin = Admin(self.record, self.bus)
         self.sync = SyncAdapter(self.record) if config.mode == "sync" else None
         self._tasks: list[asyncio.Future[None]] = []
+        self._owner: asyncio.Future[None] | None = None
 
     # -- what the tests, benches and metrics read ----------------------------------------------------
 
@@ -138,14 +139,21 @@ class Adapter:
         if self.follower.announced:
             jobs.append(self.follower.follow())
         self._tasks = [asyncio.ensure_future(job) for job in jobs]
+        self._owner = self._tasks[1]
 
     async def stop(self) -> None:
         """Publishes what is pending (best effort), stops the tasks and gives up ownership, each within
         `STOP_TIMEOUT`: a shutdown never waits for good on a task stuck in a client library."""
+        # The owner is let finish the read it is in (at most a second): cancelled in the middle of a blocking
+        # XREADGROUP, the Redis client was seen never to hand its connection back, and the task never to end.
+        self.owner.stopping = True
         for task in self._tasks:
-            task.cancel()
+            if task is not self._owner:
+                task.cancel()
         if self._tasks:
             _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT)
+            for task in stuck:
+                task.cancel()
             if stuck:
                 log.warning(
                     "%d adaptation tasks of %s did not stop in %.0f s: %s", len(stuck), self.model, STOP_TIMEOUT, stuck

@@ -142,8 +142,15 @@ async def _run_http(cfg: TenantsBenchConfig, log: Callable[[str], None]) -> list
                 while not queue.empty():
                     tenant = f"tenant-{queue.get_nowait()}"
                     started = time.perf_counter()
-                    response = await http.post("/v1/completions", json=body, headers={"X-Tenant": tenant})
-                    response.raise_for_status()
+                    try:
+                        response = await http.post("/v1/completions", json=body, headers={"X-Tenant": tenant})
+                        response.raise_for_status()
+                    except httpx.HTTPError as error:
+                        code = server.process.poll()
+                        raise RuntimeError(
+                            f"the request of {tenant} failed: {error!r}; the server "
+                            f"{'is running' if code is None else f'exited with {code}'}; its log ends:\n{server.log()}"
+                        ) from error
                     recorder.done(time.perf_counter() - started, log)
 
             await asyncio.gather(*(client() for _ in range(cfg.concurrency)))
