@@ -134,17 +134,16 @@ class Adapter:
 
     def start(self) -> None:
         self.record.loop = asyncio.get_running_loop()
-        jobs = [self.sync.run() if self.sync is not None else self.ingest.run(), self.owner.run()]
-        jobs.append(self.follower.poll())
+        jobs = [self.sync.run() if self.sync is not None else self.ingest.run(), self.follower.poll()]
         if self.follower.announced:
             jobs.append(self.follower.follow())
-        self._tasks = [asyncio.ensure_future(job) for job in jobs]
-        self._owner = self._tasks[1]
+        self._owner = asyncio.ensure_future(self.owner.run())
+        self._tasks = [self._owner, *(asyncio.ensure_future(job) for job in jobs)]
 
     async def stop(self) -> None:
         """Publishes what is pending (best effort), stops the tasks and gives up ownership, each within
         `STOP_TIMEOUT`: a shutdown never waits for good on a task stuck in a client library."""
-        # The owner is let finish the read it is in (at most a second): cancelled in the middle of a blocking
+        # The owner is let finish the read it is in (a poll interval at most): cancelled in the middle of a blocking
         # XREADGROUP, the Redis client was seen never to hand its connection back, and the task never to end.
         self.owner.stopping = True
         for task in self._tasks:
