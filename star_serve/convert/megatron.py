@@ -195,6 +195,14 @@ def _split_layers(tensors: dict[str, torch.Tensor], stacked: bool) -> tuple[dict
     return outside, [layers[i] for i in range(len(layers))]
 
 
+def _take(tensors: dict[str, torch.Tensor], prefix: str, *names: str) -> tuple[str, torch.Tensor]:
+    """The first of `names` that `tensors` holds, removed from it, with its full name (`prefix` + name)."""
+    for name in names:
+        if name in tensors:
+            return prefix + name, tensors.pop(name)
+    raise UnmappableCheckpoint(f"the checkpoint has none of {', '.join(prefix + n for n in names)}")
+
+
 def _experts(
     layer: dict[str, torch.Tensor], num_experts: int, prefix: str
 ) -> tuple[tuple[str, torch.Tensor], tuple[str, torch.Tensor]]:
@@ -202,14 +210,11 @@ def _experts(
     in whichever layout the checkpoint has them."""
 
     def pop(name: str) -> torch.Tensor:
-        if name not in layer:
-            raise UnmappableCheckpoint(f"the checkpoint has no {prefix}{name}")
-        return layer.pop(name)
+        return _take(layer, prefix, name)[1]
 
     stacked = "mlp.experts.experts.linear_fc{n}.weight"  # torch_dist, every implementation
     if stacked.format(n=1) in layer:
-        fc1_name, fc2_name = stacked.format(n=1), stacked.format(n=2)
-        return (prefix + fc1_name, pop(fc1_name)), (prefix + fc2_name, pop(fc2_name))
+        return _take(layer, prefix, stacked.format(n=1)), _take(layer, prefix, stacked.format(n=2))
     if "mlp.experts.weight1" in layer:  # legacy GroupedMLP: (D, E*2F) and (E*F, D), read as (E, D, 2F), (E, F, D)
         w1, w2 = pop("mlp.experts.weight1"), pop("mlp.experts.weight2")
         d = w1.shape[0]
@@ -297,10 +302,7 @@ def _layer_tensors(layer: dict[str, torch.Tensor], i: int, config: StarMoeConfig
     mapped: Mapped = {}
 
     def take(*names: str) -> tuple[str, torch.Tensor]:
-        for name in names:
-            if name in layer:
-                return theirs + name, layer.pop(name)
-        raise UnmappableCheckpoint(f"the checkpoint has none of {', '.join(theirs + n for n in names)}")
+        return _take(layer, theirs, *names)
 
     fused_norm = "self_attention.linear_qkv.layer_norm_weight"  # Transformer Engine's; the local spec's is apart
     mapped[ours + "input_layernorm.weight"] = take(fused_norm, "input_layernorm.weight")
@@ -341,18 +343,14 @@ def star_state_dict(
     if len(layers) != config.num_hidden_layers:
         raise UnmappableCheckpoint(f"the checkpoint has {len(layers)} layers, its args say {config.num_hidden_layers}")
 
-    def take(name: str, default: str | None = None) -> tuple[str, torch.Tensor]:
-        for candidate in (name, default):
-            if candidate in outside:
-                return candidate, outside.pop(candidate) if candidate == name else outside[candidate]
-        raise UnmappableCheckpoint(f"the checkpoint has no {name}")
-
+    embedding = "embedding.word_embeddings.weight"
+    if "output_layer.weight" not in outside and embedding in outside:  # the run shared its embedding
+        outside["output_layer.weight"] = outside[embedding]
     state: Mapped = {
-        "model.embed_tokens.weight": take("embedding.word_embeddings.weight"),
-        "lm_head.weight": take("output_layer.weight", "embedding.word_embeddings.weight"),  # or shared
-        "model.norm.weight": take("decoder.final_layernorm.weight"),
+        "model.embed_tokens.weight": _take(outside, "", embedding),
+        "lm_head.weight": _take(outside, "", "output_layer.weight"),
+        "model.norm.weight": _take(outside, "", "decoder.final_layernorm.weight"),
     }
-    outside.pop("embedding.word_embeddings.weight", None)
     if outside:
         raise UnmappableCheckpoint(f"tensor {sorted(outside)[0]} has no counterpart in a star-serve model")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
