@@ -5,6 +5,10 @@
 # A CPU image takes the CPU wheel of torch (and, optionally, a plain Ubuntu base of the same release):
 #   docker build -t star-serve:cpu \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu --build-arg BASE_IMAGE=ubuntu:24.04 .
+# Where the PyTorch index is out of reach, PIP_FIND_LINKS names wheels to take first (pip's --find-links: a
+# URL or a directory), for example a CPU torch served from the host; PIP_CONSTRAINT pins what else is installed
+# (a constraints file's URL). `make image-test` builds it that way, with podman, on a Debian base made by
+# debootstrap (scripts/image-base).
 #
 # Both stages start from the same base, so the virtual environment built in the first one runs unchanged
 # on the Python interpreter of the second.
@@ -15,6 +19,8 @@ ARG BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_REQUIREMENT="torch>=2.4,<3"
+ARG PIP_FIND_LINKS=""
+ARG PIP_CONSTRAINT=""
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -48,6 +48,16 @@ chaos: setup test-deps
 test-large: setup test-deps
 	$(BIN)/python -m pytest -q -m large tests/e2e/test_e2e_megatron.py
 
+# The container image built and run, and the compose stack started (podman here; ENGINE=docker and
+# COMPOSE='docker compose' where a Docker engine runs). Minutes; the base image is made once and kept.
+ENGINE ?= podman
+.PHONY: image-test
+image-test: setup test-deps
+	@ENGINE=$(ENGINE) scripts/install-image-deps
+	$(PIP) install -q 'podman-compose>=1.2'
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/tests/image/containers.conf} ENGINE=$(ENGINE) \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -s -m image tests/image
+
 .PHONY: bench-calibration
 bench-calibration: setup
 	$(BIN)/star-serve bench calibration --out bench-results

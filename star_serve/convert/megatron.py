@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from ..model import StarMoeConfig, StarMoeForCausalLM
+from ..model.loading import share_checkpoint
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's end-of-document token, Megatron's `eod`
 
@@ -438,4 +439,5 @@ def convert_megatron(
         "dtype": str(config.dtype).removeprefix("torch."),
     }
     (out / "conversion.json").write_text(json.dumps(summary, indent=2) + "\n")
+    share_checkpoint(out)
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -48,3 +49,15 @@ def require_model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json there)")
     return path
+
+
+def share_checkpoint(directory: Path) -> None:
+    """Gives the files of a written checkpoint the permissions a plain new file gets (0o666 less the umask).
+    safetensors writes its file through a private temporary one (0o600), which a server running as another user,
+    such as the container image's, could not read from a mounted folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in directory.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)

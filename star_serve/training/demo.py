@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..model.loading import share_checkpoint
 from .calibrate import CalibrationConfig
 from .corpus import classifier_dataset, lm_corpus
 from .presets import Preset, get_preset
@@ -79,6 +80,8 @@ def ensure_demo_models(cache_dir: Path, preset_name: str = "demo", progress: boo
                     calibration=CalibrationConfig(),  # fine-tuning moves the bases off the LM's fixed point
                 ),
             )
+        for directory in (models.lm_dir, models.classifier_dir):  # an older cache may hold private (0o600) files
+            share_checkpoint(directory)
     return models
 
 

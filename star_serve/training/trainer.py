@@ -28,7 +28,7 @@ from ..model import (
     StarMoePreTrainedModel,
 )
 from ..model.inputs import pad_right
-from ..model.loading import require_model_dir
+from ..model.loading import require_model_dir, share_checkpoint
 from .calibrate import CalibrationConfig, calibrate
 from .presets import Preset
 from .tokenizer import train_tokenizer
@@ -142,6 +142,7 @@ def _finish(
     tokenizer.save_pretrained(out_dir)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / CHECKPOINT).unlink(missing_ok=True)
+    share_checkpoint(out_dir)
     return TrainResult(out_dir, summary)
 
 

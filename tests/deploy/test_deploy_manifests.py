@@ -46,11 +46,16 @@ def _compose_errors(compose: Doc) -> list[str]:
 
 
 def _mounts(service: Doc) -> dict[str, tuple[str, str]]:
-    """Container path -> (source, mode) of a service's short-syntax volumes."""
+    """Container path -> (source, mode) of a service's short-syntax volumes; a source `${NAME:-default}` gives
+    its default."""
     out = {}
     for spec in service.get("volumes", []):
-        source, target, *mode = spec.split(":")
-        out[target] = (source, mode[0] if mode else "rw")
+        match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::(\w+))?", spec)
+        assert match, spec
+        source, target, mode = match.groups()
+        if source.startswith("${"):
+            source = _interpolation_default(source)
+        out[target] = (source, mode or "rw")
     return out
 
 
@@ -447,3 +452,43 @@ def test_the_gateway_example_picks_pods_by_metrics_star_serve_exports() -> None:
         assert f'"{flags[flag]}"' in exported, f"{flag}: star-serve exports no {flags[flag]}"
     [rule] = docs[("HTTPRoute", "star-serve")]["spec"]["rules"]
     assert rule["backendRefs"][0]["kind"] == "InferencePool" and rule["backendRefs"][0]["name"] == "star-serve"
+
+
+def _dropped_by_grafana_schema(dashboard: Doc) -> list[str]:
+    """The fields of `dashboard` that Grafana's dashboard schema (the Grafana foundation SDK's types) does not
+    keep, or keeps with another value, when it reads the dashboard and writes it back."""
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    written = json.loads(json.dumps(Dashboard.from_json(copy.deepcopy(dashboard)), cls=JSONEncoder))
+    lost: list[str] = []
+
+    def compare(ours: Any, theirs: Any, path: str) -> None:
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            for key, value in ours.items():
+                if key in theirs:
+                    compare(value, theirs[key], f"{path}/{key}")
+                else:
+                    lost.append(f"{path}/{key}")
+        elif isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+            for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+                compare(a, b, f"{path}[{i}]")
+        elif ours != theirs:
+            lost.append(f"{path}: {ours!r} read as {theirs!r}")
+
+    compare(dashboard, written, "")
+    return lost
+
+
+def test_the_dashboard_is_what_grafanas_dashboard_schema_reads() -> None:
+    """Grafana cannot be installed here; its schema's types read the dashboard and write back every field."""
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/star-serve.json").read_text())
+    assert len(dashboard["panels"]) >= 10
+    assert _dropped_by_grafana_schema(dashboard) == []
+
+
+def test_the_dashboard_schema_check_notices_a_misnamed_field() -> None:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/star-serve.json").read_text())
+    dashboard["panels"][0]["gridPosition"] = dashboard["panels"][0].pop("gridPos")
+    dashboard["refersh"] = dashboard.pop("refresh")
+    assert _dropped_by_grafana_schema(dashboard) == ["/panels[0]/gridPosition", "/refersh"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from star_serve.model import (
     StarMoeForSequenceClassification,
     StarMoeModel,
 )
+from star_serve.model.loading import share_checkpoint
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 # Weights are compared bit for bit. Outputs get one-ulp-scale slack: tensors loaded from safetensors sit at
@@ -145,3 +147,18 @@ def test_causal_checkpoint_loads_as_classifier(tmp_path: Path, make_model: Calla
         torch.testing.assert_close(
             clf.model(ids).last_hidden_state, lm.model(ids).last_hidden_state, rtol=0, atol=OUT_ATOL
         )
+
+
+def test_share_checkpoint_makes_saved_files_readable_by_other_users(
+    tmp_path: Path, make_model: Callable[..., Any]
+) -> None:
+    """safetensors writes its file owner-only; a server running as another user (the image's) must read it."""
+    make_model().save_pretrained(tmp_path)
+    previous = os.umask(0o022)
+    try:
+        share_checkpoint(tmp_path)
+    finally:
+        os.umask(previous)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
