@@ -230,7 +230,7 @@ def _redis(stack: Stack, *command: str) -> str:
 
 def test_the_compose_stack_keeps_snapshots_across_a_redis_restart_and_is_scraped(stack: Stack) -> None:
     url = "http://127.0.0.1:8001"
-    _wait_ready(url)
+    ready_s = _wait_ready(url)
     tenant, key = "acme", f"star:{{{DEMO_LM}:acme}}:version"
     body = {"model": DEMO_LM, "prompt": "Return the number of words in the list", "max_tokens": 8}
 
@@ -258,4 +258,10 @@ def test_the_compose_stack_keeps_snapshots_across_a_redis_restart_and_is_scraped
         targets = httpx.get("http://127.0.0.1:9090/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
         return any(t["labels"]["instance"] == "star-serve-cpu:8000" and t["health"] == "up" for t in targets)
 
-    wait_until(scraped, timeout=90, what="Prometheus scraping star-serve-cpu (its targets API: up)", interval=1)
+    scraped_s = wait_until(
+        scraped, timeout=90, what="Prometheus scraping star-serve-cpu (its targets API: up)", interval=1
+    )
+    print(
+        f"\ncompose: star-serve-cpu ready {ready_s:.1f} s after `up` returned; {tenant}'s version {version} kept "
+        f"across Redis' restart; Prometheus saw the target up {scraped_s:.1f} s later"
+    )
