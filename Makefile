@@ -34,7 +34,7 @@ test: setup test-deps
 # Unit tests only: no server process, nothing slow (about a minute).
 .PHONY: test-fast
 test-fast: setup
-	$(BIN)/python -m pytest -q -m 'not e2e and not slow and not chaos' || [ $$? -eq 5 ]
+	$(BIN)/python -m pytest -q -m 'not e2e and not slow and not chaos and not large and not image' || [ $$? -eq 5 ]
 
 bench: setup
 	$(BIN)/star-serve bench serving --out bench-results
@@ -57,6 +57,10 @@ image-test: setup test-deps
 	$(PIP) install -q 'podman-compose>=1.2'
 	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CURDIR)/tests/image/containers.conf} ENGINE=$(ENGINE) \
 		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -s -m image tests/image
+
+.PHONY: bench-prefix
+bench-prefix: setup
+	$(BIN)/star-serve bench prefix --out bench-results
 
 .PHONY: bench-calibration
 bench-calibration: setup

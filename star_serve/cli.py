@@ -167,6 +167,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "tenants":
         cmd_bench_tenants(args, settings)
         return
+    if args.name == "prefix":
+        cmd_bench_prefix(args, settings)
+        return
     args.model = args.model or _demo_lm(settings)
     config = ServingBenchConfig(
         model_dir=args.model,
@@ -228,6 +231,15 @@ def cmd_bench_harness(args: argparse.Namespace, settings: Settings) -> None:
     args.model = args.model or _demo_lm(settings)
     run_harness_bench(HarnessBenchConfig(model=args.model, out_dir=args.out, **_given(args, "docs")))
     print((args.out / "lm-eval.md").read_text())
+
+
+def cmd_bench_prefix(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.prefix import PrefixBenchConfig, run_prefix_bench
+
+    args.model = args.model or _demo_lm(settings)
+    given = _given(args, "requests", "max_tokens", "repeats")
+    run_prefix_bench(PrefixBenchConfig(model=args.model, out_dir=args.out, **given))
+    print((args.out / "prefix.md").read_text())
 
 
 def cmd_bench_tenants(args: argparse.Namespace, settings: Settings) -> None:
@@ -304,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="run a benchmark; writes JSON, a Markdown table and a PNG plot"
     )
     bench.add_argument(
-        "name", choices=("serving", "adaptation", "calibration", "domains", "synthetic", "lm-eval", "tenants")
+        "name",
+        choices=("serving", "adaptation", "calibration", "domains", "synthetic", "lm-eval", "tenants", "prefix"),
     )
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument(
@@ -314,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--learning-rates", type=float, nargs="+", help="calibration: the tenant learning rates to measure"
     )
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
-    bench.add_argument("--requests", type=int, help="requests per run (default: serving 32, adaptation 128)")
-    bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64)")
+    bench.add_argument("--requests", type=int, help="requests per run (default: serving 32, adaptation, prefix 128)")
+    bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64; prefix 16)")
     bench.add_argument("--repeats", type=int, help="runs per configuration (default: serving 3, adaptation 9)")
     bench.add_argument("--device", help="where the models run (default: CUDA when present)")
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")

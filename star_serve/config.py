@@ -38,15 +38,24 @@ class Settings(BaseSettings):
     max_running: int = Field(32, ge=1, description="Sequences decoded together (KV-cache slots) per model.")
     max_waiting: int = Field(128, ge=0, description="Requests queued beyond the running ones before 429s.")
     max_prefill_batch: int = Field(16, ge=1, description="Newcomers prefilled in one forward.")
+    prefix_cache_blocks: int = Field(
+        256,
+        ge=0,
+        description="Prompt blocks whose keys and values a generation engine keeps for later prompts that start "
+        "with the same tokens and route with the same bases (0: no prefix caching).",
+    )
+    prefix_cache_block_size: int = Field(16, ge=1, description="Tokens per prefix-cache block.")
     classify_max_batch: int = Field(32, ge=1, description="Inputs classified in one forward.")
     classify_max_wait_ms: float = Field(5.0, ge=0, description="How long a classify batch waits to fill.")
     request_timeout: float = Field(300.0, gt=0, description="Seconds a request may take before it is ended.")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Request bodies beyond this size get 413.")
     connection_idle_timeout: int = Field(
-        5,
+        10,
         ge=1,
         description="Seconds a connection may wait for a complete request head, when new or after a response, "
-        "before the server closes it (uvicorn's keep-alive timeout, extended to a connection's first request).",
+        "before the server closes it (uvicorn's keep-alive timeout, extended to a connection's first request). "
+        "Longer than clients keep idle connections (httpx and the openai client: 5 s), so that a client never "
+        "sends a request on a connection the server is closing.",
     )
     max_connections: int | None = Field(
         1024, ge=2, description="Open connections beyond which requests get 503 (uvicorn's limit_concurrency)."

@@ -289,10 +289,24 @@ class _EngineCollector(Collector):
             "A layer's busiest expert's recent load over the mean load (1 when balanced).",
             labels=["model", "layer"],
         )
+        prefix_queries = CounterMetricFamily(
+            "star_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=["model"]
+        )
+        prefix_hits = CounterMetricFamily(
+            "star_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (cached under the bases they route with): prefill skipped.",
+            labels=["model"],
+        )
+        prefix_usage = GaugeMetricFamily(
+            "star_prefix_cache_usage_ratio", "Prefix-cache blocks in use over its blocks, 0 to 1.", labels=["model"]
+        )
         for name, stats in self._engines():
             running.add_metric([name], stats.running)
             waiting.add_metric([name], stats.waiting)
             kv_usage.add_metric([name], stats.kv_cache_usage)
+            prefix_queries.add_metric([name], stats.prefix_cache_queries)
+            prefix_hits.add_metric([name], stats.prefix_cache_hits)
+            prefix_usage.add_metric([name], stats.prefix_cache_usage)
             if stats.expert_load is None:
                 continue
             total, recent = stats.expert_load  # (L, E) each
@@ -303,7 +317,18 @@ class _EngineCollector(Collector):
                     fraction.add_metric([name, str(layer), str(expert)], part)
                 entropy.add_metric([name, str(layer)], load_entropy(load))
                 max_mean.add_metric([name, str(layer)], float(share.max() * len(share)))
-        yield from (running, waiting, kv_usage, routed, fraction, entropy, max_mean)
+        yield from (
+            running,
+            waiting,
+            kv_usage,
+            prefix_queries,
+            prefix_hits,
+            prefix_usage,
+            routed,
+            fraction,
+            entropy,
+            max_mean,
+        )
 
 
 class _AffinityCollector(Collector):

@@ -89,6 +89,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             max_running=settings.max_running,
             max_waiting=settings.max_waiting,
             max_prefill_batch=settings.max_prefill_batch,
+            prefix_blocks=settings.prefix_cache_blocks,
+            prefix_block_size=settings.prefix_cache_block_size,
             request_timeout=settings.request_timeout,
         )
         engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink, live)

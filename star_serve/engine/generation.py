@@ -14,12 +14,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..adaptation.bank import BatchRouter
+from ..adaptation.bank import BatchRouter, RoutingPlan
 from ..adaptation.live import LiveQuality
 from ..adaptation.observer import ForwardSink
 from ..model import StarMoeForCausalLM
@@ -27,6 +27,7 @@ from ..model.inputs import pad_right
 from .kv_cache import SlotKVCache
 from .live import PrefillMeter
 from .load import ExpertLoad
+from .prefix_cache import TRAINED_BASES, PrefixCache
 from .sampling import make_generator, process, sample, token_logprobs
 from .types import (
     EngineDraining,
@@ -49,6 +50,8 @@ class EngineConfig:
     max_prefill_batch: int = 16  # newcomers prefilled in one forward
     logprob_chunk: int = 256  # prompt positions put through the LM head at once for prompt log-probabilities
     request_timeout: float = 300.0  # seconds from submission to the last token
+    prefix_blocks: int = 256  # prompt blocks whose keys and values are kept for later prompts; 0: none
+    prefix_block_size: int = 16  # tokens per block
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Sequence:
     emitted_chars: int = 0
     cancelled: bool = False
     routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
+    prefix_digests: list[bytes] = field(default_factory=list)  # its prompt's blocks in the prefix cache
     incremental: bool = True
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of `generated`, where asked
     logprobs_sent: int = 0
@@ -140,8 +144,12 @@ class GenerationEngine:
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self._meter = None if live is None else PrefillMeter(live, self.backbone, self.lm_head, self.device)
         self.max_context = model.config.max_position_embeddings
-        self.cache = SlotKVCache(
-            model.config, config.max_running, self.max_context, self.device, next(model.parameters()).dtype
+        dtype = next(model.parameters()).dtype
+        self.cache = SlotKVCache(model.config, config.max_running, self.max_context, self.device, dtype)
+        self.prefixes = (
+            PrefixCache(model.config, config.prefix_blocks, config.prefix_block_size, self.device, dtype)
+            if config.prefix_blocks
+            else None
         )
         self._free_slots = list(range(config.max_running))
         self._waiting: deque[_Sequence] = deque()
@@ -174,7 +182,16 @@ class GenerationEngine:
         running = list(self._running)
         held = sum(s.length for s in running)
         usage = held / (self.config.max_running * self.max_context)
-        return EngineStats(len(running), len(self._waiting), usage, expert_load=self.expert_load.snapshot())
+        stats = EngineStats(len(running), len(self._waiting), usage, expert_load=self.expert_load.snapshot())
+        if self.prefixes is None:
+            return stats
+        prefixes = self.prefixes
+        return replace(
+            stats,
+            prefix_cache_queries=prefixes.queried_tokens,
+            prefix_cache_hits=prefixes.hit_tokens,
+            prefix_cache_usage=len(prefixes) / prefixes.capacity,
+        )
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.max_context:
@@ -295,21 +312,24 @@ class GenerationEngine:
         return admitted
 
     def _forward(self, batch: list[_Sequence], prefill: bool) -> None:
+        tenants = [s.tenant for s in batch]
+        plan = self.routing.plan(tenants, [len(s.prompt_ids) if prefill else 1 for s in batch])
         if prefill:
-            ids, real = pad_right([s.prompt_ids for s in batch], self.tokenizer.pad_token_id or 0)
-            starts = torch.zeros(len(batch), dtype=torch.long)
-            last = torch.tensor([len(s.prompt_ids) - 1 for s in batch])
+            for s, version in zip(batch, plan.versions, strict=True):
+                s.version = version
+            cached = self._reuse_prefixes(batch, plan)  # prompt tokens whose keys and values are already in
+            ids, real = pad_right(
+                [s.prompt_ids[c:] for s, c in zip(batch, cached, strict=True)], self.tokenizer.pad_token_id or 0
+            )
+            starts = torch.tensor(cached, dtype=torch.long)
+            last = torch.tensor([len(s.prompt_ids) - c - 1 for s, c in zip(batch, cached, strict=True)])
+            lengths = [len(s.prompt_ids) - c for s, c in zip(batch, cached, strict=True)]  # real tokens in this forward
         else:
             ids = torch.tensor([[s.generated[-1]] for s in batch])
             starts = torch.tensor([s.length - 1 for s in batch])
             last = torch.zeros(len(batch), dtype=torch.long)
             real = torch.ones(len(batch), 1, dtype=torch.bool)
-        tenants = [s.tenant for s in batch]
-        lengths = [len(s.prompt_ids) if prefill else 1 for s in batch]  # real tokens in this forward
-        plan = self.routing.plan(tenants, lengths)
-        if prefill:
-            for s, version in zip(batch, plan.versions, strict=True):
-                s.version = version
+            lengths = [1] * len(batch)
         slots = torch.tensor([s.slot for s in batch])
         positions, mask = self.cache.bind(slots, starts, ids.shape[1])
         out = self.backbone(
@@ -331,8 +351,12 @@ class GenerationEngine:
             self._count_routing(batch, out.expert_indices, lengths)
         if self._sink is not None:
             self._sink.submit(tenants, lengths, plan, out, ids)
+        if prefill and self.prefixes is not None:
+            for seq in batch:
+                self.prefixes.store(seq.prefix_digests, self.cache, seq.slot)
         if prefill and self._meter is not None:
-            self._meter(tenants, plan.versions, ids, real, out.last_hidden_state)
+            whole = [c == 0 for c in starts.tolist()]  # a prompt's loss is measured from its first token
+            self._meter(tenants, plan.versions, ids, real, out.last_hidden_state, whole)
         if prefill and any(s.params.prompt_logprobs is not None for s in batch):
             self._score_prompts(batch, out.last_hidden_state)
         scored = [s for s in batch if s.params.max_tokens == 0]  # prompt scoring only: nothing to generate
@@ -342,6 +366,27 @@ class GenerationEngine:
             keep = [i for i, s in enumerate(batch) if s.params.max_tokens > 0]
             batch, next_logits = [batch[i] for i in keep], next_logits[keep]
         self._sample(batch, next_logits)
+
+    def _reuse_prefixes(self, batch: list[_Sequence], plan: RoutingPlan) -> list[int]:
+        """Copies each newcomer's cached prompt blocks into its slot; returns how many prompt tokens each has there.
+
+        A block is reused only under the bases the sequence routes with now (`prefix_cache`). Not in sync mode,
+        where the forward itself moves the bases, and not for a sequence that needs every prompt position
+        computed (prompt log-probabilities, routing counts)."""
+        if self.prefixes is None or plan.routing.update is not None:
+            return [0] * len(batch)
+        cached = []
+        for seq, row, version in zip(batch, plan.rows, plan.versions, strict=True):
+            seq.prefix_digests = self.prefixes.digests(
+                TRAINED_BASES if row == 0 else (seq.tenant, version), seq.prompt_ids
+            )
+            if seq.params.prompt_logprobs is not None or seq.return_routing:
+                cached.append(0)
+                continue
+            blocks = self.prefixes.match(seq.prefix_digests, len(seq.prompt_ids))
+            self.prefixes.load(blocks, self.cache, seq.slot)
+            cached.append(len(blocks) * self.prefixes.block_size)
+        return cached
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         """Draws each sequence's next token from its shaped logits; log-probabilities from the raw ones."""

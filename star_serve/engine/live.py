@@ -24,9 +24,11 @@ class PrefillMeter:
         ids: torch.Tensor,  # (B, S) prompts, right-padded
         real: torch.Tensor,  # (B, S): 1 or True where not padding
         hidden: torch.Tensor,  # (B, S, D) the served forward's last hidden states
+        whole: list[bool] | None = None,  # False: the prompt's first tokens came from the prefix cache
     ) -> None:
         real = real.bool()
-        measured = [i for i in range(len(tenants)) if int(real[i].sum()) > 1 and self.live.measure()]
+        whole = whole or [True] * len(tenants)
+        measured = [i for i in range(len(tenants)) if whole[i] and int(real[i].sum()) > 1 and self.live.measure()]
         if not measured:
             return
         rows = torch.tensor(measured)

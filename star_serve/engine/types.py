@@ -92,6 +92,9 @@ class EngineStats:
     waiting: int = 0
     kv_cache_usage: float = 0.0  # tokens held in the KV cache over its capacity (slots x context)
     expert_load: tuple[torch.Tensor, torch.Tensor] | None = None  # (total, recent), each (L, E), on the host
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found there (their prefill skipped)
+    prefix_cache_usage: float = 0.0  # blocks in use over the cache's blocks
 
 
 class EngineError(Exception):

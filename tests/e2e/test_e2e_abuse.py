@@ -25,7 +25,7 @@ import pytest
 from .support import CLF_CONTEXT, CLF_NAME, LM_CONTEXT, LM_NAME, Launcher, Server, assert_openai_error, wait_until
 
 BODY_LIMIT = 1 << 20  # STAR_MAX_BODY_BYTES of this module's server (the product default)
-IDLE_TIMEOUT = 5  # STAR_CONNECTION_IDLE_TIMEOUT of this module's server (the product default)
+IDLE_TIMEOUT = 10  # STAR_CONNECTION_IDLE_TIMEOUT of this module's server (the product default)
 RSS_GROWTH_MB = 200  # how much resident memory the whole abuse may leave behind
 FD_GROWTH = 16  # open descriptors the abuse may leave behind (log files, pooled client connections)
 QUICK = 5.0  # seconds within which a small request must be served while the abuse goes on

@@ -317,3 +317,22 @@ def test_invalid_x_tenant_header(server: Server) -> None:
         "/v1/completions", json={"model": LM_NAME, "prompt": "x", "max_tokens": 2}, headers={"X-Tenant": "no spaces!"}
     )
     assert response.status_code in (400, 422), response.text
+
+
+def test_a_repeated_prompt_prefix_is_served_from_the_prefix_cache(server: Server) -> None:
+    """Blocks of 16 tokens: a prompt of several blocks sent again is prefilled from its last block only, and
+    greedy decoding gives the same text (the server's default tenant routes with the trained bases)."""
+    prompt = " ".join(["return a list of the words in the string and the sum of the numbers"] * 6)
+    client = server.openai()
+    hits = server.metric("star_prefix_cache_hits_total", model=LM_NAME)
+    first = client.completions.create(
+        model=LM_NAME, prompt=prompt, max_tokens=8, temperature=0, extra_headers={"X-Tenant": "prefix"}
+    )
+    again = client.completions.create(
+        model=LM_NAME, prompt=prompt, max_tokens=8, temperature=0, extra_headers={"X-Tenant": "prefix"}
+    )
+    assert first.usage is not None and first.usage.prompt_tokens >= 48
+    assert again.choices[0].text == first.choices[0].text
+    reused = server.metric("star_prefix_cache_hits_total", model=LM_NAME) - hits
+    assert reused == (first.usage.prompt_tokens - 1) // 16 * 16
+    assert 0 < server.metric("star_prefix_cache_usage_ratio", model=LM_NAME) <= 1
