@@ -176,7 +176,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
         out_dir=args.out,
         device=settings.device,
         dtype=settings.dtype,
-        **_given(args, "requests", "max_tokens", "repeats"),
+        **_given(args, "requests", "max_tokens", "repeats", "shape"),
     )
     run_serving_bench(config)
     print((args.out / "serving.md").read_text())
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, help="tokens per request (default: 64; prefix 16)")
     bench.add_argument("--repeats", type=int, help="runs per configuration (default: serving 3, adaptation 9)")
     bench.add_argument("--device", help="where the models run (default: CUDA when present)")
+    bench.add_argument(
+        "--shape", help="serving: a preset's shape (such as star-182m) with random weights, the model's tokenizer"
+    )
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")
     adaptation = bench.add_argument_group(
         "adaptation", "options of `bench adaptation` (defaults: a few minutes on CPU)"

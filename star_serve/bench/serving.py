@@ -5,7 +5,9 @@ In one run, on one machine and model, on the same requests (greedy, fixed length
 - transformers' `model.generate` answering the requests one at a time;
 - `model.generate` on one left-padded static batch of all requests;
 - the engine with every sequence of a distinct tenant (own bases in the bank) against one tenant.
-Each figure is the median of `repeats` runs; ratios are of medians.
+Each figure is the median of `repeats` runs; ratios are of medians. With `shape` (a preset, such as
+`star-182m`), the model is one of that shape with random weights, and the given model's tokenizer. The
+machine's roofline (`roofline.py`) is measured in the same run, and each configuration's share of it given.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +29,11 @@ import torch
 from ..adaptation import TenantBank
 from ..engine import EngineConfig, GenerationEngine, SamplingParams
 from ..engine.generation import SequenceRequest
-from ..model import StarMoeForCausalLM
-from ..model.loading import load_model, resolve_device, resolve_dtype
+from ..model import StarMoeConfig, StarMoeForCausalLM
+from ..model.loading import load_model, resolve_device, resolve_dtype, share_checkpoint
+from ..training.presets import get_preset
 from .report import write_report
+from .roofline import measure_roofline, roofline_share
 from .server import BenchServer
 
 
@@ -43,6 +48,7 @@ class ServingBenchConfig:
     repeats: int = 3
     device: str = "auto"  # every configuration runs on this device, in this dtype
     dtype: str = "auto"
+    shape: str | None = None  # a preset's shape with random weights instead of `model_dir`'s weights
 
 
 def _prompts(n: int) -> list[str]:
@@ -119,7 +125,9 @@ def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str
         noise = 0.05 * torch.randn(trained.shape, generator=generator)  # drawn on the CPU: same bases everywhere
         noisy = trained + noise.to(trained.device, trained.dtype)
         bank.publish(f"tenant-{t}", noisy / noisy.norm(dim=-1, keepdim=True), version=1)
-    engine = GenerationEngine(model, tokenizer, bank, EngineConfig(max_running=cfg.tenants, max_waiting=0))
+    # No prefix cache: the repeats send the same prompts, and the tenants' bases would decide what it serves.
+    config = EngineConfig(max_running=cfg.tenants, max_waiting=0, prefix_blocks=0)
+    engine = GenerationEngine(model, tokenizer, bank, config)
     engine.start()
     ids = [tokenizer(p)["input_ids"] for p in (prompts * (cfg.tenants // len(prompts) + 1))[: cfg.tenants]]
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
@@ -140,18 +148,48 @@ def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str
     return {"single_tenant": one, "distinct_tenants": many}
 
 
+def random_weights(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A checkpoint of preset `shape` with seeded random weights and `tokenizer_dir`'s tokenizer, in `out`."""
+    preset = get_preset(shape)
+    _, tokenizer = load_model(tokenizer_dir, "generate", torch.device("cpu"), torch.float32)
+    config = StarMoeConfig(
+        vocab_size=max(preset.vocab_size, len(tokenizer)),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        **preset.model,
+    )
+    torch.manual_seed(0)
+    StarMoeForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    share_checkpoint(out)
+    return out
+
+
 def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    if cfg.shape is None:
+        return _run(cfg, cfg.model_dir, log)
+    with tempfile.TemporaryDirectory(prefix=f"star-bench-{cfg.shape}-") as tmp:
+        log(f"a {cfg.shape} model with random weights")
+        return _run(cfg, random_weights(cfg.shape, cfg.model_dir, Path(tmp)), log)
+
+
+def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     torch.manual_seed(0)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer = load_model(cfg.model_dir, "generate", device, dtype)
+    model, tokenizer = load_model(model_dir, "generate", device, dtype)
     assert isinstance(model, StarMoeForCausalLM)
     prompts = _prompts(cfg.requests)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
         "config": {k: v.name if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},  # no machine paths
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "device": name, "dtype": str(dtype)},
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
+    log("the machine's roofline: dense matmul and memory bandwidth")
+    roofline = measure_roofline(device, dtype)
+    results["roofline"] = roofline.as_dict()
     log(f"transformers generate, one request at a time ({cfg.requests} requests)")
     results["hf_one_at_a_time"] = _median_rate(
         lambda: _hf_one_at_a_time(model, tokenizer, prompts, cfg.max_tokens), cfg.repeats
@@ -165,8 +203,10 @@ def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = prin
         "STAR_MAX_WAITING": "1024",
         "STAR_DEVICE": device.type,
         "STAR_DTYPE": str(dtype).removeprefix("torch."),
+        "STAR_PREFIX_CACHE_BLOCKS": "0",  # the warm-up and the repeats send the same prompts again
+        "STAR_ADAPTATION": "off",  # its cost is `bench adaptation`'s to measure
     }
-    server = BenchServer(cfg.model_dir, env)
+    server = BenchServer(model_dir, env)
     try:
         results["server"] = {}
         for concurrency in cfg.concurrency:
@@ -178,6 +218,21 @@ def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = prin
         server.close()
     log(f"engine, {cfg.tenants} sequences in flight: one tenant vs {cfg.tenants} tenants")
     results["tenants"] = _engine_tenants(model, tokenizer, prompts, cfg)
+
+    # Each configuration's share of the roofline, as decode steps at its batch over an average context.
+    context = round(statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts) + cfg.max_tokens / 2)
+    batches = {
+        "hf_one_at_a_time": (results["hf_one_at_a_time"], 1),
+        "hf_static_batch": (results["hf_static_batch"], cfg.requests),
+        **{f"server_{c}": (results["server"][str(c)], min(c, cfg.requests)) for c in cfg.concurrency},
+        "single_tenant": (results["tenants"]["single_tenant"], cfg.tenants),
+        "distinct_tenants": (results["tenants"]["distinct_tenants"], cfg.tenants),
+    }
+    dtype_bytes = torch.empty(0, dtype=dtype).element_size()
+    for run, batch in batches.values():
+        run["roofline_share"] = roofline_share(
+            roofline, model.config, batch, context, dtype_bytes, run["median_tokens_per_s"]
+        )
 
     top = results["server"][str(max(cfg.concurrency))]["median_tokens_per_s"]
     results["ratios"] = {
@@ -199,9 +254,11 @@ def _table(results: dict[str, Any], cfg: ServingBenchConfig) -> str:
         (f"engine, {cfg.tenants} sequences of one tenant", results["tenants"]["single_tenant"]),
         (f"engine, {cfg.tenants} sequences of {cfg.tenants} tenants", results["tenants"]["distinct_tenants"]),
     ]
-    lines = ["| configuration | tokens/s (median) | vs one at a time |", "|---|---:|---:|"]
+    lines = ["| configuration | tokens/s (median) | vs one at a time | share of the roofline |", "|---|---:|---:|---:|"]
     lines += [
-        f"| {name} | {r['median_tokens_per_s']:.0f} | {r['median_tokens_per_s'] / rate:.2f}x |" for name, r in rows
+        f"| {name} | {r['median_tokens_per_s']:.0f} | {r['median_tokens_per_s'] / rate:.2f}x | "
+        f"{r['roofline_share']:.0%} |"
+        for name, r in rows
     ]
     ratios = results["ratios"]
     lines += [
@@ -209,7 +266,12 @@ def _table(results: dict[str, Any], cfg: ServingBenchConfig) -> str:
         f"Server at {max(cfg.concurrency)} clients: **{ratios['server_vs_one_at_a_time']:.2f}x** one at a time, "
         f"**{ratios['server_vs_static_batch']:.2f}x** the static batch; {cfg.tenants} distinct tenants: "
         f"**{ratios['distinct_vs_single_tenant']:.2f}x** one tenant. {cfg.requests} requests of {cfg.max_tokens} "
-        f"tokens, greedy, median of {cfg.repeats} runs.",
+        f"tokens, greedy, median of {cfg.repeats} runs. Model: {cfg.shape or 'as given'}, "
+        f"{results['parameters'] / 1e6:.1f}M parameters, {results['machine']['dtype']} on "
+        f"{results['machine']['device']} ({results['machine']['cpus']} CPUs). Roofline measured in the same run: "
+        f"{results['roofline']['matmul_gflops']:.0f} GFLOP/s dense matmul, "
+        f"{results['roofline']['bandwidth_gb_s']:.1f} GB/s memory bandwidth; a share is the roofline's time of "
+        "a decode step at the configuration's batch over the step time it achieved.",
     ]
     return "\n".join(lines) + "\n"
 
