@@ -170,6 +170,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     if args.name == "prefix":
         cmd_bench_prefix(args, settings)
         return
+    if args.name == "peers":
+        cmd_bench_peers(args, settings)
+        return
     args.model = args.model or _demo_lm(settings)
     config = ServingBenchConfig(
         model_dir=args.model,
@@ -240,6 +243,15 @@ def cmd_bench_prefix(args: argparse.Namespace, settings: Settings) -> None:
     given = _given(args, "requests", "max_tokens", "repeats")
     run_prefix_bench(PrefixBenchConfig(model=args.model, out_dir=args.out, **given))
     print((args.out / "prefix.md").read_text())
+
+
+def cmd_bench_peers(args: argparse.Namespace, settings: Settings) -> None:
+    from .bench.peers import PeersBenchConfig, run_peers_bench
+
+    args.model = args.model or _demo_lm(settings)
+    given = _given(args, "shape", "requests", "max_tokens", "repeats", "vllm_env")
+    run_peers_bench(PeersBenchConfig(model=args.model, out_dir=args.out, **given))
+    print((args.out / "peers.md").read_text())
 
 
 def cmd_bench_tenants(args: argparse.Namespace, settings: Settings) -> None:
@@ -317,7 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "name",
-        choices=("serving", "adaptation", "calibration", "domains", "synthetic", "lm-eval", "tenants", "prefix"),
+        choices=(
+            "serving",
+            "adaptation",
+            "calibration",
+            "domains",
+            "synthetic",
+            "lm-eval",
+            "tenants",
+            "prefix",
+            "peers",
+        ),
     )
     bench.add_argument("--model", type=Path, help="causal-LM checkpoint (default: the demo LM)")
     bench.add_argument(
@@ -332,7 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, help="runs per configuration (default: serving 3, adaptation 9)")
     bench.add_argument("--device", help="where the models run (default: CUDA when present)")
     bench.add_argument(
-        "--shape", help="serving: a preset's shape (such as star-182m) with random weights, the model's tokenizer"
+        "--shape", help="serving, peers: a preset's shape (such as star-182m), random weights, the model's tokenizer"
+    )
+    bench.add_argument(
+        "--vllm-env",
+        type=Path,
+        help="peers: vLLM's virtual environment (default: .peers/vllm, bench/peers/install-vllm)",
     )
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")
     adaptation = bench.add_argument_group(

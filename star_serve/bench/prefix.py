@@ -11,9 +11,7 @@ off/on ratios of the time to first token.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import httpx
 from transformers import AutoTokenizer
 
 from ..training.corpus import lm_corpus
+from .clients import stream_load
 from .report import write_report
 from .server import BenchServer
 
@@ -53,53 +52,6 @@ def _prompts(cfg: PrefixBenchConfig) -> list[list[int]]:
     return [prefix + rest[i * cfg.suffix_tokens : (i + 1) * cfg.suffix_tokens] for i in range(cfg.requests)]
 
 
-async def _load(url: str, prompts: list[list[int]], cfg: PrefixBenchConfig) -> dict[str, float]:
-    queue: asyncio.Queue[list[int]] = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
-    first_token: list[float] = []
-    tokens = 0
-
-    async def client(http: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        while not queue.empty():
-            body = {
-                "model": "bench",
-                "prompt": queue.get_nowait(),
-                "max_tokens": cfg.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
-            started, first = time.perf_counter(), None
-            async with http.stream("POST", "/v1/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line.removeprefix("data: "))
-                    if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                        first = time.perf_counter() - started
-                    if chunk.get("usage"):
-                        tokens += chunk["usage"]["completion_tokens"]
-            if first is None:
-                raise RuntimeError("a streamed completion ended without text")
-            first_token.append(first)
-
-    started = time.perf_counter()
-    limits = httpx.Limits(max_connections=cfg.clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(cfg.clients)))
-    seconds = time.perf_counter() - started
-    first_token.sort()
-    return {
-        "ttft_p50_ms": 1000 * first_token[len(first_token) // 2],
-        "ttft_p99_ms": 1000 * first_token[min(len(first_token) - 1, int(0.99 * len(first_token)))],
-        "tokens_per_s": tokens / seconds,
-    }
-
-
 def _hit_share(url: str) -> float:
     """The share of looked-up prompt tokens the server's prefix cache served, from its metrics."""
     values = {}
@@ -118,7 +70,7 @@ def run_prefix_bench(cfg: PrefixBenchConfig, log: Callable[[str], None] = print)
     try:
         for repeat in range(cfg.repeats):
             for name, server in servers.items():
-                run = asyncio.run(_load(server.url, prompts, cfg))
+                run = asyncio.run(stream_load(server.url, "bench", prompts, cfg.max_tokens, cfg.clients))
                 runs[name].append(run)
                 log(
                     f"repeat {repeat + 1}, prefix cache {name}: TTFT p50 {run['ttft_p50_ms']:.0f} ms, "

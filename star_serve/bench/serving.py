@@ -51,7 +51,8 @@ class ServingBenchConfig:
     shape: str | None = None  # a preset's shape with random weights instead of `model_dir`'s weights
 
 
-def _prompts(n: int) -> list[str]:
+def bench_prompts(n: int) -> list[str]:
+    """The first 160 characters of `n` held-out documents of the demo corpus."""
     from ..training.corpus import lm_corpus
 
     _, heldout = lm_corpus()
@@ -180,7 +181,7 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer = load_model(model_dir, "generate", device, dtype)
     assert isinstance(model, StarMoeForCausalLM)
-    prompts = _prompts(cfg.requests)
+    prompts = bench_prompts(cfg.requests)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict[str, Any] = {
         "config": {k: v.name if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},  # no machine paths

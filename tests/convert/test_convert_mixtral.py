@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
+from star_serve.bench.peers import linear_router
 from star_serve.convert.mixtral import write_mixtral
 from star_serve.model import StarMoeForCausalLM
 from star_serve.training.presets import tiny_config
@@ -57,3 +58,16 @@ def test_top1_routing_is_the_same_choice_weighed_differently(tmp_path: Path) -> 
         theirs = MixtralForCausalLM.from_pretrained(mixtral, dtype=torch.float32).eval()(ids).logits
     with pytest.raises(AssertionError):
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_the_linear_router_copy_keeps_the_gate_and_experts_and_drops_the_subspace(tmp_path: Path) -> None:
+    star = _star(tmp_path, router_type="star")
+    linear = linear_router(star, tmp_path / "linear")
+    original = StarMoeForCausalLM.from_pretrained(star)
+    copy = StarMoeForCausalLM.from_pretrained(linear)
+    assert copy.config.router_type == "linear"
+    theirs = dict(copy.state_dict())
+    assert not [k for k in theirs if "star_gate" in k]
+    for name, tensor in original.state_dict().items():
+        if "star_gate" not in name:
+            assert torch.equal(theirs[name], tensor), name

@@ -1,0 +1,191 @@
+"""`star-serve bench peers`: star-serve against vLLM on the same weights, through HTTP, with the same client.
+
+The model (the given checkpoint, or a preset's shape with random weights) is served three ways, one server
+at a time, each loaded with the same streamed requests (token-id prompts, greedy, `ignore_eos`) from 1, 8
+and 32 clients (`clients.py`), `repeats` times:
+- vLLM, with the checkpoint's linear gate and experts written as Mixtral (`convert/mixtral.py`), from the
+  environment `bench/peers/install-vllm` makes (left out, with the reason, where there is none);
+- star-serve with the same linear-router weights: the same work per token as vLLM;
+- star-serve with the checkpoint's own STAR router: the price of STAR routing.
+Mixtral renormalises its top-k weights and STAR does not, so the texts differ; the work per token does not.
+Both servers run with their defaults but these: star-serve's adaptation off (its cost is `bench
+adaptation`'s), and a context of `context` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from ..convert.mixtral import write_mixtral
+from ..model import StarMoeConfig
+from ..model.loading import share_checkpoint
+from .clients import stream_load
+from .report import free_port, write_report
+from .server import BenchServer
+from .serving import bench_prompts, random_weights
+
+VLLM_ENV = Path(".peers/vllm")
+
+
+@dataclass(frozen=True)
+class PeersBenchConfig:
+    model: Path
+    out_dir: Path
+    shape: str | None = None
+    requests: int = 32
+    max_tokens: int = 64
+    clients: tuple[int, ...] = (1, 8, 32)
+    repeats: int = 3
+    context: int = 512
+    vllm_env: Path = VLLM_ENV
+
+
+def linear_router(star_dir: Path, out: Path) -> Path:
+    """`star_dir`'s checkpoint with its router's linear half only (`router_type="linear"`)."""
+    config = StarMoeConfig.from_pretrained(str(star_dir))
+    config.router_type = "linear"
+    state = {k: v for k, v in load_file(str(star_dir / "model.safetensors")).items() if ".star_gate." not in k}
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), {"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (star_dir / name).exists():
+            (out / name).write_bytes((star_dir / name).read_bytes())
+    share_checkpoint(out)
+    return out
+
+
+@contextlib.contextmanager
+def vllm_server(env_dir: Path, model_dir: Path, context: int, ready_timeout: float = 900.0) -> Iterator[str]:
+    """`vllm serve` of `model_dir` as `bench` on a free port, from the environment `env_dir`; yields its URL."""
+    port = free_port()
+    command = [
+        str(env_dir / "bin" / "vllm"), "serve", str(model_dir), "--served-model-name", "bench",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(context), "--dtype", "float32",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        try:
+            deadline = time.monotonic() + ready_timeout
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"vllm serve exited:\n{log.read().decode(errors='replace')[-3000:]}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"vllm serve was not ready in {ready_timeout:.0f} s")
+                time.sleep(1)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@contextlib.contextmanager
+def star_server(model_dir: Path) -> Iterator[str]:
+    env = {"STAR_ADAPTATION": "off", "STAR_MAX_RUNNING": "32", "STAR_MAX_WAITING": "1024"}
+    server = BenchServer(model_dir, env)
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+def _measure(url: str, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]) -> dict:
+    results: dict[str, Any] = {}
+    for clients in cfg.clients:
+        asyncio.run(stream_load(url, "bench", prompts[:clients], cfg.max_tokens, clients))  # warm-up
+        runs = [asyncio.run(stream_load(url, "bench", prompts, cfg.max_tokens, clients)) for _ in range(cfg.repeats)]
+        results[str(clients)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"runs": runs}
+        row = results[str(clients)]
+        log(
+            f"  {clients} clients: {row['tokens_per_s']:.0f} tokens/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+            f"TPOT p50 {row['tpot_p50_ms']:.1f} ms"
+        )
+    return results
+
+
+def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="star-peers-") as tmp:
+        star = random_weights(cfg.shape, cfg.model, Path(tmp) / "star") if cfg.shape else cfg.model
+        linear = linear_router(star, Path(tmp) / "linear")
+        tokenizer = AutoTokenizer.from_pretrained(str(star), local_files_only=True)
+        prompts = [tokenizer(p)["input_ids"] for p in bench_prompts(cfg.requests)]
+        results: dict[str, Any] = {
+            "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items() if k != "out_dir"},
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
+            "servers": {},
+        }
+        results["config"]["model"] = cfg.model.name  # no machine paths
+        vllm = cfg.vllm_env / "bin" / "vllm"
+        if vllm.exists():
+            log("vLLM, the linear gate and experts written as Mixtral")
+            mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
+            with vllm_server(cfg.vllm_env, mixtral, cfg.context) as url:
+                results["servers"]["vllm"] = _measure(url, prompts, cfg, log)
+        else:
+            skipped = cfg.vllm_env.with_suffix(".skipped")
+            reason = skipped.read_text().strip() if skipped.exists() else "run bench/peers/install-vllm"
+            results["servers"]["vllm"] = {"skipped": reason}
+            log(f"vLLM left out: {reason}")
+        for name, directory in (("star-serve, linear router", linear), ("star-serve, STAR router", star)):
+            log(name)
+            with star_server(directory) as url:
+                results["servers"][name] = _measure(url, prompts, cfg, log)
+    write_report(cfg.out_dir, "peers", results, _table(results, cfg), None)
+    return results
+
+
+def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
+    lines = [
+        "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in results["servers"].items():
+        if "skipped" in rows:
+            lines.append(f"| {name} | – | left out: {rows['skipped']} | | | | |")
+            continue
+        for clients, r in rows.items():
+            lines.append(
+                f"| {name} | {clients} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
+                f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} |"
+            )
+    servers = results["servers"]
+    top = str(max(cfg.clients))
+    linear = servers["star-serve, linear router"][top]["tokens_per_s"]
+    notes = [
+        f"STAR router / linear router at {top} clients: "
+        f"**{servers['star-serve, STAR router'][top]['tokens_per_s'] / linear:.2f}x**."
+    ]
+    if "skipped" not in servers["vllm"]:
+        notes.insert(
+            0, f"star-serve / vLLM at {top} clients: **{linear / servers['vllm'][top]['tokens_per_s']:.2f}x**."
+        )
+    lines += [
+        "",
+        " ".join(notes),
+        f"{cfg.requests} streamed requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`), token-id prompts; "
+        f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'}; TPOT: time per output token after "
+        "the first.",
+    ]
+    return "\n".join(lines) + "\n"
