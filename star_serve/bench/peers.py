@@ -36,6 +36,7 @@ from ..model import StarMoeConfig
 from ..model.loading import share_checkpoint
 from .clients import stream_load
 from .report import free_port, write_report
+from .roofline import measure_roofline, roofline_share
 from .server import BenchServer
 from .serving import bench_prompts, random_weights
 
@@ -150,6 +151,9 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             "servers": {},
         }
         results["config"]["model"] = cfg.model.name  # no machine paths
+        log("the machine's roofline: dense matmul and memory bandwidth")
+        roofline = measure_roofline(torch.device("cpu"), torch.float32)
+        results["roofline"] = roofline.as_dict()
         if (cfg.vllm_env / "bin" / "python").exists():
             log("vLLM, the linear gate and experts written as Mixtral")
             mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
@@ -164,23 +168,31 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             log(name)
             with star_server(directory) as url:
                 results["servers"][name] = _measure(url, prompts, cfg, log)
+        config = StarMoeConfig.from_pretrained(str(star))
+        context = round(statistics.mean(len(p) for p in prompts) + cfg.max_tokens / 2)
+        for rows in results["servers"].values():
+            if "skipped" in rows:
+                continue
+            for clients, row in rows.items():
+                batch = min(int(clients), cfg.requests)
+                row["roofline_share"] = roofline_share(roofline, config, batch, context, 4, row["tokens_per_s"])
     write_report(cfg.out_dir, "peers", results, _table(results, cfg), None)
     return results
 
 
 def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
     lines = [
-        "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | roofline share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, rows in results["servers"].items():
         if "skipped" in rows:
-            lines.append(f"| {name} | – | left out: {rows['skipped']} | | | | |")
+            lines.append(f"| {name} | – | left out: {rows['skipped']} | | | | | |")
             continue
         for clients, r in rows.items():
             lines.append(
                 f"| {name} | {clients} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-                f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} |"
+                f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['roofline_share']:.0%} |"
             )
     servers = results["servers"]
     top = str(max(cfg.clients))
@@ -198,6 +210,8 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
         " ".join(notes),
         f"{cfg.requests} streamed requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`), token-id prompts; "
         f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'}; TPOT: time per output token after "
-        "the first.",
+        f"the first. Roofline measured in the same run: {results['roofline']['matmul_gflops']:.0f} GFLOP/s dense "
+        f"float32 matmul, {results['roofline']['bandwidth_gb_s']:.1f} GB/s; a share is the roofline's time of a "
+        "decode step at the run's batch over the step time achieved.",
     ]
     return "\n".join(lines) + "\n"
