@@ -62,7 +62,10 @@ class Settings(BaseSettings):
     )
     max_n: int = Field(16, ge=1, description="Largest `n` (choices per request) accepted.")
     cpu_threads: int | None = Field(
-        None, ge=1, description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs)."
+        None,
+        ge=1,
+        description="Torch threads on CPU (default: every core; leaving one to the HTTP loop measured 0.5-0.6x "
+        "at 32 clients on a 182M-shape model and 0.92x on the demo LM, on 2 cores).",
     )
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
