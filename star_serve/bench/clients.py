@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import httpx
 
@@ -28,7 +27,6 @@ async def stream_load(
     prompts: Sequence[str | list[int]],
     max_tokens: int,
     clients: int,
-    extra: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     queue: asyncio.Queue[str | list[int]] = asyncio.Queue()
     for prompt in prompts:
@@ -48,7 +46,6 @@ async def stream_load(
                 "ignore_eos": True,
                 "stream": True,
                 "stream_options": {"include_usage": True},
-                **(extra or {}),
             }
             started = time.perf_counter()
             first = last = None
