@@ -113,7 +113,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if resolve_device(settings.device).type == "cpu":
-            torch.set_num_threads(settings.cpu_threads or os.cpu_count() or 1)
+            torch.set_num_threads(settings.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         sources = await asyncio.to_thread(model_sources, settings)
         for name, directory in sources.items():
             served = await asyncio.to_thread(load_served_model, name, directory, state)
