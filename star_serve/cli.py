@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -149,29 +149,18 @@ def cmd_serve(settings: Settings) -> None:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.serving import ServingBenchConfig, run_serving_bench
 
-    if args.name == "adaptation":
-        cmd_bench_adaptation(args, settings)
-        return
-    if args.name == "calibration":
-        cmd_bench_calibration(args, settings)
-        return
-    if args.name == "domains":
-        cmd_bench_domains(args, settings)
-        return
-    if args.name == "synthetic":
-        cmd_bench_synthetic(args)
-        return
-    if args.name == "lm-eval":
-        cmd_bench_harness(args, settings)
-        return
-    if args.name == "tenants":
-        cmd_bench_tenants(args, settings)
-        return
-    if args.name == "prefix":
-        cmd_bench_prefix(args, settings)
-        return
-    if args.name == "peers":
-        cmd_bench_peers(args, settings)
+    others: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
+        "adaptation": cmd_bench_adaptation,
+        "calibration": cmd_bench_calibration,
+        "domains": cmd_bench_domains,
+        "synthetic": lambda args, settings: cmd_bench_synthetic(args),
+        "lm-eval": cmd_bench_harness,
+        "tenants": cmd_bench_tenants,
+        "prefix": cmd_bench_prefix,
+        "peers": cmd_bench_peers,
+    }
+    if args.name in others:
+        others[args.name](args, settings)
         return
     args.model = args.model or _demo_lm(settings)
     config = ServingBenchConfig(
