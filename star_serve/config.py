@@ -64,9 +64,9 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(
         None,
         ge=1,
-        description="Torch threads on CPU (default: all cores but one, which the HTTP loop needs). Set it to every "
-        "core for a model of a real size: on 2 cores at 32 clients, every core measured 1.6-1.9x one core on a "
-        "182M-shape model, while the demo LM measured 0.88x.",
+        description="Torch threads on CPU. Default: every core when a served model's hidden size is 512 or more "
+        "(on 2 cores at 32 clients, every core measured 1.6-1.9x one core on a 182M-shape model), else all "
+        "cores but one, which the HTTP loop needs (the demo LM measured 0.88-1.08x with every core).",
     )
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
@@ -82,6 +82,14 @@ class Settings(BaseSettings):
         description="Run `async` or `shadow` adaptation (capture, GHA steps, snapshot writes) in a process of its "
         "own, so that it never holds the serving process's interpreter lock: `auto` does on a CPU, where the "
         "engine is bound by that lock; on a GPU the capture runs on the device, in the serving process.",
+    )
+    adaptation_process_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower than the serving process's the adaptation process's CPU priority is (its "
+        "nice increment): its work is background work, so on a busy CPU the engine and HTTP go first and "
+        "adaptation takes the idle time; 0 runs both alike.",
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
     adaptation_max_tenants: int = Field(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import pickle
 import signal
 import sys
@@ -81,6 +82,7 @@ def main(setup: Setup, *, control: Connection, forwards: Connection, ring: Share
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process stops this one, after its engine
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
+    os.nice(setup.config.niceness)  # background work: the serving process's engine and HTTP go first
     asyncio.run(_serve(setup, control, forwards, ring))
 
 

@@ -71,6 +71,7 @@ class AdaptationConfig:
     pending_tenants: int = 256  # tenants whose statistics can wait for publication at once
     max_tenants: int = Settings.default("adaptation_max_tenants")  # tenants whose state is kept here
     idle_seconds: float = Settings.default("adaptation_tenant_idle")  # after which a tenant's state is forgotten
+    niceness: int = Settings.default("adaptation_process_niceness")  # of an adaptation process of its own
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdaptationConfig:
@@ -81,6 +82,7 @@ class AdaptationConfig:
             min_interval=settings.adaptation_min_interval,
             max_tenants=settings.adaptation_max_tenants,
             idle_seconds=settings.adaptation_tenant_idle,
+            niceness=settings.adaptation_process_niceness,
             capture=CaptureConfig.from_settings(settings),
             quality=QualityConfig.from_settings(settings),
         )

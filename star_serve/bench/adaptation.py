@@ -538,9 +538,11 @@ def _table(results: dict[str, Any], cfg: AdaptationBenchConfig) -> str:
         lag = c["token_to_commit_lag_s"][mode]
         seconds = " / ".join("n/a" if lag[q] is None else f"{lag[q]:.2f} s" for q in ("median", "p99"))
         versions = [v for v in c["tenant_versions_after"][mode] if v is not None]
+        tokens = c.get("captured_tokens", {}).get(mode, {})
         lines.append(
             f"{COST_SERVERS[mode][1]}: token-to-commit lag, median / p99 over {lag['commits']} commits, "
-            f"**{seconds}**; {sum(v > 0 for v in versions)} of {len(versions)} tenants committed a version."
+            f"**{seconds}**; {sum(v > 0 for v in versions)} of {len(versions)} tenants committed a version; "
+            f"{tokens.get('sampled', 0):,.0f} tokens captured, {tokens.get('dropped', 0):,.0f} dropped."
         )
     lines += [
         "",

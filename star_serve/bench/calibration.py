@@ -12,6 +12,11 @@ routing consistency (share of tokens and layers whose top-k experts equal those 
 the loss with the tenant's bases minus the loss with the trained ones, the same on the tenant's own traffic,
 and the largest projection distance of a layer's basis from the trained one. A tenant that changes nothing
 of the training distribution should be served what the trained model serves.
+
+Each run is made without the quality gate (every guarded step committed) and, at the learning rates of
+`gated_learning_rates`, with it as the product runs it: the tenant's prompts are offered to the hold-back
+sample first, a held-back window counts in no statistics, and the owner commits a candidate only if it
+scores no worse on that sample than the tenant's current version and the trained bases.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
+from ..adaptation.quality import QualityConfig, QualityGate, model_scorer
 from ..config import Settings
 from ..model import Routing, StarMoeForCausalLM, projection_distance
 from ..model.loading import load_model
@@ -45,6 +51,7 @@ class CalibrationBenchConfig:
         0.002,
         0.0005,
     )  # default first
+    gated_learning_rates: tuple[float, ...] = (Settings.default("adaptation_learning_rate"),)
     traffic: tuple[str, ...] = ("repeated", "fresh")
     traffic_tokens: int = 409_600  # bench adaptation (a)'s amount: 100 rounds of 4096 tokens
     repeated_tokens: int = 4096  # the held-out slice that "repeated" traffic goes over again and again
@@ -96,17 +103,20 @@ async def unshifted_tenant(
     evaluation: torch.Tensor,
     own: torch.Tensor,  # windows of the tenant's own traffic, scored too
     learning_rate: float,
+    gated: bool,
     cfg: CalibrationBenchConfig,
     store: Path,
 ) -> dict[str, Any]:
-    """One tenant adapted with the product's defaults (but `learning_rate`) on `traffic`, one step per
-    `cfg.step_tokens`; measured at each of `cfg.checkpoints` against the trained bases."""
+    """One tenant adapted with the product's defaults (but `learning_rate`, and the quality gate only if
+    `gated`) on `traffic`, one step per `cfg.step_tokens`; measured at each of `cfg.checkpoints` against
+    the trained bases."""
     trained = model.trained_bases()  # (L, E, D)
     frozen_loss, frozen_experts = _evaluate(model, evaluation, trained)
     frozen_own, _ = _evaluate(model, own, trained)
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
     config = AdaptationConfig(mode="async", learning_rate=learning_rate)
-    adapter = Adapter("bench", trained, bank, LocalDirStore(store), config)
+    gate = QualityGate(model_scorer(model), QualityConfig()) if gated else None
+    adapter = Adapter("bench", trained, bank, LocalDirStore(store), config, gate=gate)
     adapter.start()
     tenant, per_forward = "unshifted", max(1, cfg.step_tokens // cfg.seq_len)
     rows, sent = [], 0
@@ -117,11 +127,14 @@ async def unshifted_tenant(
             with torch.no_grad():
                 out = model(input_ids=chunk, routing=Routing.shared(bases), output_routing=True, use_cache=False)
             assert out.router_inputs is not None and out.expert_indices is not None
-            inputs = [x.reshape(-1, x.shape[-1]).float() for x in out.router_inputs]
-            load = torch.stack([torch.bincount(e.reshape(-1), minlength=bases.shape[1]) for e in out.expert_indices])
-            adapter.observe(tenant, version, bases, inputs, load)
-            await adapter.flush()  # one step per forward of `step_tokens`
+            counted = [i for i, window in enumerate(chunk) if not (gated and adapter.hold_back(tenant, window))]
             sent += chunk.numel()
+            if counted:
+                inputs = [x[counted].reshape(-1, x.shape[-1]).float() for x in out.router_inputs]
+                chosen = [e[counted].reshape(-1) for e in out.expert_indices]
+                load = torch.stack([torch.bincount(e, minlength=bases.shape[1]) for e in chosen])
+                adapter.observe(tenant, version, bases, inputs, load)
+            await adapter.flush()  # one step per forward of `step_tokens`
             if sent in cfg.checkpoints or sent == traffic.numel():
                 bases, version = _bases(bank, tenant)
                 loss, experts = _evaluate(model, evaluation, bases)
@@ -170,16 +183,18 @@ def run_calibration_bench(cfg: CalibrationBenchConfig, log: Callable[[str], None
                 else:
                     traffic, own = fresh, fresh[-(cfg.eval_tokens // cfg.seq_len) :]
                 traffic = traffic[: cfg.traffic_tokens // cfg.seq_len]
-                for lr in cfg.learning_rates:
+                runs = [(lr, False) for lr in cfg.learning_rates] + [(lr, True) for lr in cfg.gated_learning_rates]
+                for lr, gated in runs:
                     started = time.perf_counter()
                     store = Path(tmp) / f"{len(results['runs'])}"
-                    result = asyncio.run(unshifted_tenant(model, traffic, evaluation, own, lr, cfg, store))
-                    result |= {"model": name, "traffic": kind, "learning_rate": lr}
+                    result = asyncio.run(unshifted_tenant(model, traffic, evaluation, own, lr, gated, cfg, store))
+                    result |= {"model": name, "traffic": kind, "learning_rate": lr, "gated": gated}
                     result["seconds"] = time.perf_counter() - started
                     results["runs"].append(result)
                     last = result["checkpoints"][-1]
                     log(
-                        f"  {name}, {kind} traffic, lr {lr:g}: after {last['traffic_tokens']:,} tokens, consistency "
+                        f"  {name}, {kind} traffic, lr {lr:g}{', gated' if gated else ''}: after "
+                        f"{last['traffic_tokens']:,} tokens, version {last['version']}, consistency "
                         f"{last['consistency']:.3f}, held-out loss {last['loss_change']:+.4f}, own-traffic loss "
                         f"{last['own_loss_change']:+.4f} nats/token, drift {last['drift']:.3f}"
                     )
@@ -194,14 +209,16 @@ def _name(model_dir: Path) -> str:
 
 def _table(results: dict[str, Any]) -> str:
     lines = [
-        "| model | traffic | learning rate | traffic tokens | routing consistency | held-out loss − frozen "
-        "| own-traffic loss − frozen | drift |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | traffic | learning rate | quality gate | traffic tokens | versions | routing consistency "
+        "| held-out loss − frozen | own-traffic loss − frozen | drift |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in results["runs"]:
+        gate = "on" if run.get("gated") else "off"
         for row in run["checkpoints"]:
             lines.append(
-                f"| {run['model']} | {run['traffic']} | {run['learning_rate']:g} | {row['traffic_tokens']:,} "
+                f"| {run['model']} | {run['traffic']} | {run['learning_rate']:g} | {gate} | {row['traffic_tokens']:,} "
+                f"| {row['version']} "
                 f"| {row['consistency']:.3f} | {row['loss_change']:+.4f} | {row['own_loss_change']:+.4f} "
                 f"| {row['drift']:.3f} |"
             )

@@ -60,12 +60,17 @@ def _versions(url: str, tenants: int) -> list[int | None]:
 
 
 # The servers of (c), each with its label: `async` with the product's defaults (the quality gate on), the
-# same without the gate, capturing a quarter of the forwards, with the adaptation in the serving process
-# (as on a GPU), `shadow` (everything but serving the versions), and `off`.
+# same without the gate, with its process at the serving process's CPU priority, capturing a quarter of the
+# forwards, with the adaptation in the serving process (as on a GPU), `shadow` (everything but serving the
+# versions), and `off`.
 SAMPLED = 0.25
 COST_SERVERS = {
     "async": ({"STAR_ADAPTATION": "async"}, "`async`, gated (default)"),
     "async_ungated": ({"STAR_ADAPTATION": "async", "STAR_ADAPTATION_QUALITY_GATE": "false"}, "`async`, no gate"),
+    "async_same_priority": (
+        {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_PROCESS_NICENESS": "0"},
+        "`async`, same CPU priority",
+    ),
     "async_sampled": (
         {"STAR_ADAPTATION": "async", "STAR_ADAPTATION_SAMPLE_RATE": str(SAMPLED)},
         f"`async`, sample rate {SAMPLED:g}",
@@ -90,7 +95,9 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
                 servers[mode] = BenchServer(cfg.lm_dir, {**server_env(cfg), **env, "STAR_STATE_DIR": f"{tmp}/{mode}"})
             loads, runs = rotated_runs(servers, cfg, log)
             versions = {m: _versions(servers[m].url, cfg.tenants) for m in ADAPTING}
-            lag = {m: lag_quantiles(httpx.get(f"{servers[m].url}/metrics", timeout=10).text, "bench") for m in ADAPTING}
+            pages = {m: httpx.get(f"{servers[m].url}/metrics", timeout=10).text for m in ADAPTING}
+            lag = {m: lag_quantiles(pages[m], "bench") for m in ADAPTING}
+            captured = {m: captured_tokens(pages[m], "bench") for m in ADAPTING}
         finally:
             for server in servers.values():
                 server.close()
@@ -103,6 +110,7 @@ def cost(cfg: AdaptationBenchConfig, log: Callable[[str], None]) -> dict[str, An
         }
     results["tenant_versions_after"] = versions
     results["token_to_commit_lag_s"] = lag
+    results["captured_tokens"] = captured
     return results
 
 
@@ -140,6 +148,17 @@ def paired_ratio(runs: Sequence[float], baseline: Sequence[float]) -> float:
     repeats minutes, so a machine whose speed drifts between repeats (a noisy neighbour, a change of
     clock) moves a repeat's two runs alike, and their ratio less than either."""
     return statistics.median(r / b for r, b in zip(runs, baseline, strict=True))
+
+
+def captured_tokens(text: str, model: str) -> dict[str, float]:
+    """A server's `star_adaptation_tokens_total` by outcome (sampled, dropped, ...), from its /metrics `text`."""
+    return {
+        s.labels["outcome"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "star_adaptation_tokens"
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels.get("model") == model
+    }
 
 
 def lag_quantiles(text: str, model: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -146,6 +147,17 @@ async def _calls_and_their_errors_cross_over(process: AdaptationProcess, bank: T
         await process.rollback("a", 5)
     assert await process.reset("a") == 1
     await _until(lambda: bank.version("a") == 1, "the reset's version in the bank")
+
+
+def test_the_adaptation_process_runs_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    _run(tmp_path, _runs_at_a_lower_priority)
+
+
+async def _runs_at_a_lower_priority(process: AdaptationProcess, bank: TenantBank) -> None:
+    await process.describe("a")  # answered: the process is past its start
+    assert process._process is not None and process._process.pid is not None
+    ours, its = os.getpriority(os.PRIO_PROCESS, 0), os.getpriority(os.PRIO_PROCESS, process._process.pid)
+    assert its == min(19, ours + process.config.niceness) and process.config.niceness > 0
 
 
 def test_a_full_ring_drops_and_counts_without_blocking() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from fastapi.testclient import TestClient
 
-from star_serve.api.app import create_app
+from star_serve.api.app import ALL_CORES_FROM_HIDDEN_SIZE, cpu_threads, create_app
 
 from .support import (
     CLF_NAME,
@@ -123,3 +123,11 @@ def test_versions_and_settings_outlive_the_app(settings_for: SettingsFactory, ch
         state = client.get("/v1/subspace", headers=tenant).json()
         assert (state["version"], state["frozen"], state["learning_rate"]) == (1, True, 0.25)
         assert client.get("/v1/subspace", headers={"X-Tenant": "newcomer"}).json()["version"] == 0
+
+
+def test_cpu_threads_take_every_core_for_a_wide_model_and_leave_one_to_http_otherwise() -> None:
+    narrow, wide = ALL_CORES_FROM_HIDDEN_SIZE // 4, ALL_CORES_FROM_HIDDEN_SIZE
+    assert cpu_threads(None, [narrow], cores=8) == 7
+    assert cpu_threads(None, [narrow, wide], cores=8) == 8  # the widest served model decides
+    assert cpu_threads(None, [narrow], cores=1) == 1
+    assert cpu_threads(3, [wide], cores=8) == 3  # STAR_CPU_THREADS wins

@@ -30,8 +30,9 @@ def test_a_still_tenant_keeps_the_trained_routing_and_a_moving_one_does_not(tmp_
         models=(), out_dir=tmp_path, traffic_tokens=traffic.numel(), checkpoints=(1024,), seq_len=SEQ, step_tokens=128
     )
 
-    still = asyncio.run(unshifted_tenant(model, traffic, evaluation, traffic[:8], 1e-9, cfg, tmp_path / "still"))
-    moving = asyncio.run(unshifted_tenant(model, traffic, evaluation, traffic[:8], 0.5, cfg, tmp_path / "moving"))
+    own = traffic[:8]
+    still = asyncio.run(unshifted_tenant(model, traffic, evaluation, own, 1e-9, False, cfg, tmp_path / "still"))
+    moving = asyncio.run(unshifted_tenant(model, traffic, evaluation, own, 0.5, False, cfg, tmp_path / "moving"))
 
     assert [row["traffic_tokens"] for row in still["checkpoints"]] == [1024, 2048]
     last = still["checkpoints"][-1]
@@ -41,5 +42,27 @@ def test_a_still_tenant_keeps_the_trained_routing_and_a_moving_one_does_not(tmp_
     assert moved["drift"] > 0.01 and moved["consistency"] < 1.0
 
     runs = [{"model": "tiny", "traffic": "fresh", "learning_rate": lr, **r} for lr, r in ((1e-9, still), (0.5, moving))]
+    runs[1]["gated"] = True
     table = _table({"runs": runs})
-    assert table.count("| tiny | fresh |") == 4 and "| 1e-09 |" in table and "| 0.5 |" in table
+    assert table.count("| tiny | fresh |") == 4 and "| 1e-09 | off |" in table and "| 0.5 | on |" in table
+
+
+def test_with_the_gate_the_held_back_prompts_feed_no_step_and_every_step_is_judged(tmp_path: Path) -> None:
+    model = _model()
+    generator = torch.Generator().manual_seed(1)
+    traffic = torch.randint(0, 64, (128, SEQ), generator=generator)  # 4,096 tokens
+    evaluation = torch.randint(0, 64, (16, SEQ), generator=generator)
+    cfg = CalibrationBenchConfig(
+        models=(), out_dir=tmp_path, traffic_tokens=traffic.numel(), checkpoints=(2048,), seq_len=SEQ, step_tokens=128
+    )
+
+    gated = asyncio.run(unshifted_tenant(model, traffic, evaluation, traffic[:8], 0.5, True, cfg, tmp_path / "gated"))
+
+    # The first 2,048 prompt tokens of a tenant all go to its held-back sample (the product's default), so
+    # nothing of them was stepped on; after that most windows count, and each step is committed or refused.
+    first, last = gated["checkpoints"]
+    assert first["version"] == 0 and first["drift"] < 1e-6 and first["consistency"] == 1.0
+    batches = gated["batches"]
+    assert 0 < batches["published"] <= 16  # at most a step per forward of the last 2,048 tokens
+    assert batches["applied"] + batches["refused_quality"] == batches["published"]
+    assert last["version"] == batches["applied"]
