@@ -70,6 +70,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     task = _task_of(directory)
     model, tokenizer = load_model(directory, task, device, dtype)
     metrics.observe_alignment(name, model.router_alignment())
+    if settings.cpu_packed_experts:
+        model.pack_experts_for_cpu()
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype, fold=model.router_gates)
     adapter = open_adaptation(name, model, directory, bank, settings)

@@ -230,6 +230,13 @@ class StarMoePreTrainedModel(PreTrainedModel):
         (..., L, E, D) in the model's dtype."""
         return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(self._routers())], dim=-3)
 
+    def pack_experts_for_cpu(self) -> bool:
+        """Packs every MoE layer's expert weights for inference on a CPU (`StarMoeExperts.pack_for_cpu`);
+        False where they stay as they are (another device or dtype)."""
+        backbone = self.base_model
+        assert isinstance(backbone, StarMoeModel)
+        return all([layer.mlp.experts.pack_for_cpu() for layer in backbone.decoder_layers()])
+
     def router_alignment(self) -> list[float | None]:
         """Per MoE layer, the mean |cosine| between each linear-gate row and its expert's principal input
         direction (the top right-singular vector of the expert's gate and up projections): 1 when every

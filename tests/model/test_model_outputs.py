@@ -112,3 +112,23 @@ def test_causal_lm_loss_is_cross_entropy_plus_weighted_aux(top_k: int, make_mode
     # The padding mask matters to the aux loss.
     assert abs(aux.item() - manual_aux(out.router_logits, top_k, None).item()) > 1e-6
     assert L * 1.0 - 1e-6 <= out.aux_loss.item() <= L * E + 1e-6
+
+
+def test_experts_packed_for_the_cpu_compute_what_the_weights_compute(make_model: Callable[..., Any]) -> None:
+    model = make_model(num_local_experts=4, num_experts_per_tok=2, hidden_size=256, intermediate_size=512)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        assert model.pack_experts_for_cpu()
+        packed = model(input_ids=ids).logits
+    assert torch.allclose(packed, plain, atol=1e-5), (packed - plain).abs().max()
+    with torch.enable_grad():  # training never goes through the packed copies: gradients reach the weights
+        model(input_ids=ids).logits.sum().backward()
+    experts = model.base_model.decoder_layers()[0].mlp.experts
+    assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+
+
+def test_experts_are_packed_only_on_the_cpu_in_float32_and_where_it_pays(make_model: Callable[..., Any]) -> None:
+    wide = {"hidden_size": 256, "intermediate_size": 512}  # 1 MiB of gate and up projections an expert
+    assert not make_model(**wide).to(torch.bfloat16).pack_experts_for_cpu()
+    assert not make_model().pack_experts_for_cpu()  # the tiny model's experts: oneDNN's cost per call outweighs it
