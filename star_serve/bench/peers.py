@@ -1,4 +1,5 @@
-"""`star-serve bench peers`: star-serve against vLLM on the same weights, through HTTP, with the same client.
+"""`star-serve bench peers`: star-serve against vLLM on the same weights, through HTTP, with the same client,
+and against transformers' continuous batching.
 
 The model (the given checkpoint, or a preset's shape with random weights) is served three ways, one server
 at a time, each loaded with the same streamed requests (token-id prompts, greedy, `ignore_eos`) from 1, 8
@@ -6,7 +7,9 @@ and 32 clients (`clients.py`), `repeats` times:
 - vLLM, with the checkpoint's linear gate and experts written as Mixtral (`convert/mixtral.py`), from the
   environment `bench/peers/install-vllm` makes (left out, with the reason, where there is none);
 - star-serve with the same linear-router weights: the same work per token as vLLM;
-- star-serve with the checkpoint's own STAR router: the price of STAR routing.
+- star-serve with the checkpoint's own STAR router: the price of STAR routing;
+- transformers' own continuous batching (`generate_batch`) of the Mixtral checkpoint, in this process (no
+  HTTP: tokens/s only), at most as many requests in flight as there are clients.
 Mixtral renormalises its top-k weights and STAR does not, so the texts differ; the work per token does not.
 Both servers run with their defaults but these: star-serve's adaptation off (its cost is `bench
 adaptation`'s), and a context of `context` tokens.
@@ -28,6 +31,7 @@ from typing import Any
 
 import httpx
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -41,6 +45,7 @@ from .server import BenchServer
 from .serving import bench_prompts, random_weights
 
 VLLM_ENV = Path(".peers/vllm")
+TRANSFORMERS = "transformers continuous batching"
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")  # Debian's libtcmalloc-minimal4
 
 
@@ -139,6 +144,34 @@ def _measure(url: str, prompts: list[list[int]], cfg: PeersBenchConfig, log: Cal
     return results
 
 
+def transformers_batching(
+    mixtral: Path, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Tokens/s of transformers' continuous batching on `mixtral`, per number of requests in flight."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(mixtral), attn_implementation="sdpa", dtype=torch.float32).eval()
+    greedy = GenerationConfig(
+        max_new_tokens=cfg.max_tokens, min_new_tokens=cfg.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+
+    def run(inputs: list[list[int]], in_flight: int) -> tuple[int, float]:
+        batching = ContinuousBatchingConfig(max_requests_per_batch=in_flight)
+        started = time.perf_counter()
+        outputs = model.generate_batch(inputs=inputs, generation_config=greedy, continuous_batching_config=batching)
+        return sum(len(o.generated_tokens) for o in outputs.values()), time.perf_counter() - started
+
+    results: dict[str, Any] = {}
+    for clients in cfg.clients:
+        run(prompts[:clients], clients)  # warm-up
+        runs = [run(prompts, clients) for _ in range(cfg.repeats)]
+        rates = [tokens / seconds for tokens, seconds in runs]
+        results[str(clients)] = {"tokens_per_s": statistics.median(rates), "runs": rates, "tokens": runs[0][0]}
+        log(f"  {clients} in flight: {results[str(clients)]['tokens_per_s']:.0f} tokens/s")
+    return results
+
+
 def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="star-peers-") as tmp:
         star = random_weights(cfg.shape, cfg.model, Path(tmp) / "star") if cfg.shape else cfg.model
@@ -154,9 +187,9 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
         log("the machine's roofline: dense matmul and memory bandwidth")
         roofline = measure_roofline(torch.device("cpu"), torch.float32)
         results["roofline"] = roofline.as_dict()
+        mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
         if (cfg.vllm_env / "bin" / "python").exists():
             log("vLLM, the linear gate and experts written as Mixtral")
-            mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
             with vllm_server(cfg.vllm_env, mixtral, cfg.context, cfg.out_dir / "vllm.log") as url:
                 results["servers"]["vllm"] = _measure(url, prompts, cfg, log)
         else:
@@ -168,6 +201,8 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             log(name)
             with star_server(directory) as url:
                 results["servers"][name] = _measure(url, prompts, cfg, log)
+        log(f"transformers {transformers.__version__} continuous batching (generate_batch), the Mixtral checkpoint")
+        results["servers"][TRANSFORMERS] = transformers_batching(mixtral, prompts, cfg, log)
         config = StarMoeConfig.from_pretrained(str(star))
         context = round(statistics.mean(len(p) for p in prompts) + cfg.max_tokens / 2)
         for rows in results["servers"].values():
@@ -190,10 +225,11 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
             lines.append(f"| {name} | – | left out: {rows['skipped']} | | | | | |")
             continue
         for clients, r in rows.items():
-            lines.append(
-                f"| {name} | {clients} | {r['tokens_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | "
-                f"{r['tpot_p50_ms']:.1f} | {r['tpot_p99_ms']:.1f} | {r['roofline_share']:.0%} |"
+            latency = " | ".join(
+                f"{r[key]:.{digits}f}" if key in r else "–"
+                for key, digits in (("ttft_p50_ms", 0), ("ttft_p99_ms", 0), ("tpot_p50_ms", 1), ("tpot_p99_ms", 1))
             )
+            lines.append(f"| {name} | {clients} | {r['tokens_per_s']:.0f} | {latency} | {r['roofline_share']:.0%} |")
     servers = results["servers"]
     top = str(max(cfg.clients))
     linear = servers["star-serve, linear router"][top]["tokens_per_s"]
@@ -201,6 +237,11 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
         f"STAR router / linear router at {top} clients: "
         f"**{servers['star-serve, STAR router'][top]['tokens_per_s'] / linear:.2f}x**."
     ]
+    if TRANSFORMERS in servers:
+        notes.append(
+            f"star-serve / transformers continuous batching at {top}: "
+            f"**{linear / servers[TRANSFORMERS][top]['tokens_per_s']:.2f}x**."
+        )
     if "skipped" not in servers["vllm"]:
         notes.insert(
             0, f"star-serve / vLLM at {top} clients: **{linear / servers['vllm'][top]['tokens_per_s']:.2f}x**."
@@ -210,7 +251,9 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
         " ".join(notes),
         f"{cfg.requests} streamed requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`), token-id prompts; "
         f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'}; TPOT: time per output token after "
-        f"the first. Roofline measured in the same run: {results['roofline']['matmul_gflops']:.0f} GFLOP/s dense "
+        "the first. transformers' continuous batching runs in the bench's own process (no HTTP, so no latencies), "
+        "at most as many requests in flight as clients. Roofline measured in the same run: "
+        f"{results['roofline']['matmul_gflops']:.0f} GFLOP/s dense "
         f"float32 matmul, {results['roofline']['bandwidth_gb_s']:.1f} GB/s; a share is the roofline's time of a "
         "decode step at the run's batch over the step time achieved.",
     ]

@@ -71,3 +71,17 @@ def test_the_linear_router_copy_keeps_the_gate_and_experts_and_drops_the_subspac
     for name, tensor in original.state_dict().items():
         if "star_gate" not in name:
             assert torch.equal(theirs[name], tensor), name
+
+
+def test_transformers_continuous_batching_generates_every_token_of_the_written_checkpoint(tmp_path: Path) -> None:
+    from star_serve.bench.peers import PeersBenchConfig, transformers_batching
+
+    mixtral = write_mixtral(linear_router(_star(tmp_path), tmp_path / "linear"), tmp_path / "mixtral")
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12]]
+    cfg = PeersBenchConfig(model=tmp_path, out_dir=tmp_path, max_tokens=5, clients=(1, 2), repeats=1)
+
+    results = transformers_batching(mixtral, prompts, cfg, lambda _: None)
+
+    assert set(results) == {"1", "2"}
+    for row in results.values():  # greedy, the end token ignored: every request makes its 5 tokens
+        assert row["tokens"] == len(prompts) * cfg.max_tokens and row["tokens_per_s"] > 0
