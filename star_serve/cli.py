@@ -238,7 +238,7 @@ def cmd_bench_peers(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.peers import PeersBenchConfig, run_peers_bench
 
     args.model = args.model or _demo_lm(settings)
-    given = _given(args, "shape", "requests", "max_tokens", "repeats", "vllm_env")
+    given = _given(args, "shape", "requests", "max_tokens", "repeats", "vllm_env", "clients")
     run_peers_bench(PeersBenchConfig(model=args.model, out_dir=args.out, **given))
     print((args.out / "peers.md").read_text())
 
@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm-env",
         type=Path,
         help="peers: vLLM's virtual environment (default: .peers/vllm, bench/peers/install-vllm)",
+    )
+    bench.add_argument(
+        "--clients", type=int, nargs="+", help="peers: concurrent clients of each load (default: 1 8 32)"
     )
     bench.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on CUDA)")
     adaptation = bench.add_argument_group(

@@ -109,8 +109,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
 
 
 # The hidden size from which a CPU forward gains more from a second core than the HTTP loop loses by sharing
-# one: on 2 cores at 32 clients, every core measured 1.6-1.9x one core at 768 (the star-182m shape) and
-# 0.88-1.08x at 128 (the demo LM).
+# one: on 2 cores at 32 clients, every core measured 1.6-1.9x one core at 768 (the star-182m shape; 1.0-1.06x
+# on another machine) and 0.88-1.08x at 128 (the demo LM).
 ALL_CORES_FROM_HIDDEN_SIZE = 512
 
 
