@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from ..model.scoring import sequence_scores
 log = logging.getLogger(__name__)
 
 MIN_LENGTH = 2  # tokens: a shorter prompt has no next-token loss to score
+HELD_DIGESTS = 512  # prompts per tenant remembered as held back (the most recent)
 
 
 @dataclass(frozen=True)
@@ -111,23 +111,35 @@ class HoldBack:
     """The capture side: which prompts are held back, and those waiting to travel with their tenant's next
     statistics batch."""
 
-    def __init__(self, config: QualityConfig, seed: int | None = None) -> None:
+    def __init__(self, config: QualityConfig) -> None:
         self.config = config
         self.waiting = TokenSamples(config.holdback_tokens, config.max_tenants)
-        self._held: OrderedDict[str, int] = OrderedDict()  # tokens held back per tenant here, bounded
-        self._random = random.Random(seed)
+        # Per tenant here (bounded): the tokens held back, and digests of the prompts held back, so that a
+        # prompt sent again is held back again and never counts in the statistics it is judged against.
+        self._held: OrderedDict[str, tuple[int, OrderedDict[bytes, None]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def offer(self, tenant: str, ids: torch.Tensor) -> bool:
-        """Whether the prompt `ids` (S,) is held back; if it is, it waits for the tenant's next batch."""
+        """Whether the prompt `ids` (S,) is held back; if it is, and is new here, it waits for the tenant's
+        next batch. Past the tenant's first `holdback_tokens`, the prompt's content decides (a share
+        `holdback_rate` of all prompts, by digest), so that a prompt sent again, here or to another replica,
+        plays the same part each time."""
         if not self.config.enabled or len(ids) < MIN_LENGTH:
             return False
+        ids = ids[: self.config.max_sequence_tokens].to("cpu", torch.int32, copy=True)
+        digest = hashlib.blake2b(ids.numpy().tobytes(), digest_size=16).digest()
         with self._lock:
-            held = self._held.get(tenant, 0)
-            if held >= self.config.holdback_tokens and self._random.random() >= self.config.holdback_rate:
+            held, digests = self._held.get(tenant, (0, OrderedDict()))
+            if digest in digests:
+                digests.move_to_end(digest)
+                return True
+            share = int.from_bytes(digest[:8], "little") / 2**64  # uniform in [0, 1) over prompts
+            if held >= self.config.holdback_tokens and share >= self.config.holdback_rate:
                 return False
-            ids = ids[: self.config.max_sequence_tokens].to("cpu", torch.int32, copy=True)
-            self._held[tenant] = held + len(ids)
+            digests[digest] = None
+            while len(digests) > HELD_DIGESTS:
+                digests.popitem(last=False)
+            self._held[tenant] = (held + len(ids), digests)
             self._held.move_to_end(tenant)
             while len(self._held) > self.config.max_tenants:
                 self._held.popitem(last=False)

@@ -165,17 +165,39 @@ def test_the_sample_is_bounded_and_keeps_the_most_recent_prompts() -> None:
 
 
 def test_holding_back_fills_the_sample_first_then_samples_at_the_rate() -> None:
-    hold = HoldBack(QualityConfig(holdback_tokens=50, holdback_rate=0.0), seed=0)
-    offered = [hold.offer("acme", torch.arange(1, 11)) for _ in range(8)]
+    hold = HoldBack(QualityConfig(holdback_tokens=50, holdback_rate=0.0))
+    offered = [hold.offer("acme", torch.arange(i, i + 10)) for i in range(8)]
     assert offered == [True] * 5 + [False] * 3  # 50 tokens, then a rate of 0
     assert not hold.offer("acme", torch.tensor([5]))  # one token has no next-token loss
     assert hold.offer("globex", torch.arange(1, 11))  # each tenant has its own
     assert sum(len(s) for s in hold.take("acme")) == 50 and hold.take("acme") == []
 
-    always = HoldBack(QualityConfig(holdback_tokens=10, holdback_rate=1.0), seed=0)
-    assert all(always.offer("acme", torch.arange(1, 11)) for _ in range(5))
+    always = HoldBack(QualityConfig(holdback_tokens=10, holdback_rate=1.0))
+    assert all(always.offer("acme", torch.arange(i, i + 10)) for i in range(5))
     off = HoldBack(QualityConfig(enabled=False))
     assert not off.offer("acme", torch.arange(1, 11))
+
+
+def test_a_prompt_held_back_is_held_back_whenever_it_comes_again_and_sampled_once() -> None:
+    hold = HoldBack(QualityConfig(holdback_tokens=20, holdback_rate=0.0))
+    first, second, third = torch.arange(1, 11), torch.arange(2, 12), torch.arange(3, 13)
+    assert hold.offer("acme", first) and hold.offer("acme", second)  # the tenant's first 20 tokens
+    assert not hold.offer("acme", third)  # then a rate of 0
+    # Sent again after the sample filled, the held-back prompts are held back again (they must never count in
+    # the statistics they judge), the others are not; the sample holds each once.
+    assert [hold.offer("acme", p) for p in (first, third, second, first)] == [True, False, True, True]
+    assert [s.tolist() for s in hold.take("acme")] == [first.tolist(), second.tolist()]
+    assert not hold.offer("globex", third[:1]) and hold.offer("globex", first)  # per tenant
+
+
+def test_past_the_first_prompts_their_content_decides_the_same_on_every_replica() -> None:
+    config = QualityConfig(holdback_tokens=0, holdback_rate=0.25)
+    prompts = [torch.arange(i, i + 8) for i in range(400)]
+    replicas = [HoldBack(config), HoldBack(config)]
+    decisions = [[r.offer("acme", p) for p in prompts] for r in replicas]
+    assert decisions[0] == decisions[1]
+    assert 60 < sum(decisions[0]) < 140  # about a quarter of 400
+    assert [replicas[0].offer("acme", p) for p in prompts] == decisions[0]  # and the same when sent again
 
 
 def test_a_batch_carries_its_held_back_prompts_across_serialization(lm: StarMoeForCausalLM) -> None:
