@@ -152,7 +152,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Once a tenant's held-back sample is full, the share of its prompts held back to keep it "
-        "recent (held-back prompts do not count in the statistics).",
+        "recent, chosen by each prompt's digest (held-back prompts, sent again or not, never count in the "
+        "statistics).",
     )
     adaptation_loss_sample_rate: float = Field(
         0.05,

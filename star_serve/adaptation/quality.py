@@ -10,9 +10,10 @@ A held-back prompt never counts in the statistics, so that a step is judged on t
 Samples are token ids, valid for any basis version; each tenant's are kept apart from every other's, and
 bounded (`holdback_tokens` per tenant, `max_tenants` tenants). The first `holdback_tokens` prompt tokens
 of a tenant on a replica are all held back, so that its sample exists by its first step; after that a
-share `holdback_rate` of its prompts keeps the sample recent. Comparing on the same tokens makes the
-comparison paired: the noise of the sample cancels between the rows, which is what lets the default margin
-be zero.
+share `holdback_rate` of its prompts, chosen by digest, keeps the sample recent. A prompt held back is held
+back whenever it comes again: a tenant that repeats its prompts would otherwise have the gate judge steps
+on text they were fitted to. Comparing on the same tokens makes the comparison paired: the noise of the
+sample cancels between the rows, which is what lets the default margin be zero.
 """
 
 from __future__ import annotations
