@@ -82,6 +82,12 @@ bench-lm-eval: setup
 bench-synthetic: setup
 	$(BIN)/star-serve bench synthetic --out bench-results
 
+# vLLM's CPU build in .peers/vllm (left out with the reason where it cannot install), then the peers side by side.
+.PHONY: bench-peers
+bench-peers: setup
+	bench/peers/install-vllm
+	$(BIN)/star-serve bench peers --out bench-results
+
 lint: setup
 	$(BIN)/ruff check star_serve tests
 	$(BIN)/ruff format --check star_serve tests
