@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adaptation import AdaptationConfig, Adapter, LocalDirStore, TenantBank
-from ..adaptation.quality import QualityConfig, QualityGate, model_scorer
+from ..adaptation.quality import QualityGate, model_scorer
 from ..config import Settings
 from ..model import Routing, StarMoeForCausalLM, projection_distance
 from ..model.loading import load_model
@@ -115,7 +115,7 @@ async def unshifted_tenant(
     frozen_own, _ = _evaluate(model, own, trained)
     bank = TenantBank(trained, torch.device("cpu"), torch.float32)
     config = AdaptationConfig(mode="async", learning_rate=learning_rate)
-    gate = QualityGate(model_scorer(model), QualityConfig()) if gated else None
+    gate = QualityGate(model_scorer(model), config.quality) if gated else None
     adapter = Adapter("bench", trained, bank, LocalDirStore(store), config, gate=gate)
     adapter.start()
     tenant, per_forward = "unshifted", max(1, cfg.step_tokens // cfg.seq_len)

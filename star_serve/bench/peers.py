@@ -31,9 +31,9 @@ from typing import Any
 
 import httpx
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
+from transformers import __version__ as transformers_version
 
 from ..convert.mixtral import write_mixtral
 from ..model import StarMoeConfig
@@ -148,9 +148,6 @@ def transformers_batching(
     mixtral: Path, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Tokens/s of transformers' continuous batching on `mixtral`, per number of requests in flight."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
     model = AutoModelForCausalLM.from_pretrained(str(mixtral), attn_implementation="sdpa", dtype=torch.float32).eval()
     greedy = GenerationConfig(
         max_new_tokens=cfg.max_tokens, min_new_tokens=cfg.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -201,7 +198,7 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             log(name)
             with star_server(directory) as url:
                 results["servers"][name] = _measure(url, prompts, cfg, log)
-        log(f"transformers {transformers.__version__} continuous batching (generate_batch), the Mixtral checkpoint")
+        log(f"transformers {transformers_version} continuous batching (generate_batch), the Mixtral checkpoint")
         results["servers"][TRANSFORMERS] = transformers_batching(mixtral, prompts, cfg, log)
         config = StarMoeConfig.from_pretrained(str(star))
         context = round(statistics.mean(len(p) for p in prompts) + cfg.max_tokens / 2)
