@@ -196,7 +196,9 @@ def cmd_bench_calibration(args: argparse.Namespace, settings: Settings) -> None:
 
     args.model = args.model or _demo_lm(settings)
     given = _given(args, "learning_rates")
-    config = CalibrationBenchConfig(models=(args.model, *(args.compare or ())), out_dir=args.out, **given)
+    models = (args.model, *(args.compare or ()))
+    align = settings.adaptation_align_linear_gate
+    config = CalibrationBenchConfig(models=models, out_dir=args.out, align_linear_gate=align, **given)
     run_calibration_bench(config)
     print((args.out / "calibration.md").read_text())
 

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         "adaptation takes the idle time; 0 runs both alike.",
     )
     adaptation_learning_rate: float = Field(0.05, gt=0, le=1, description="A new tenant's GHA learning rate.")
+    adaptation_align_linear_gate: bool = Field(
+        True,
+        description="A tenant's inputs reach the frozen linear half of a `star` gate aligned to the tenant's "
+        "subspace (its coordinates in the adapted basis put back on the trained one), so that the whole gate, "
+        "not only its subspace half, follows a shift that the basis followed; off: STAR.md's gate as written. "
+        "The trained bases route alike either way.",
+    )
     adaptation_max_tenants: int = Field(
         10_000,
         ge=1,

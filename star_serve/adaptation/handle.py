@@ -79,7 +79,7 @@ def open_adaptation(
     gated = config.quality.enabled and config.mode in ("async", "shadow")
     if _in_a_process(settings, bank.device):
         task: Literal["generate", "classify"] = "generate" if isinstance(model, StarMoeForCausalLM) else "classify"
-        gate = GateModel(directory, task) if gated else None
+        gate = GateModel(directory, task, settings.adaptation_align_linear_gate) if gated else None
         return AdaptationProcess(name, trained, bank, config, backends, *experts, settings.metrics_top_tenants, gate)
     store, bus = backends.open(name)
     gate_here = QualityGate(model_scorer(model), config.quality) if gated else None

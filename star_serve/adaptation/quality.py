@@ -271,9 +271,11 @@ class GateModel:
 
     directory: Path
     task: Literal["generate", "classify"]
+    align_linear: bool = True  # as the served model's gates are (`StarMoeRouter.align_linear`)
 
     def load(self) -> StarMoePreTrainedModel:
         model, _ = load_model(self.directory, self.task, torch.device("cpu"), torch.float32)
+        model.align_linear_gates(self.align_linear)
         return model
 
 

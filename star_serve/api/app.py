@@ -70,6 +70,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     task = _task_of(directory)
     model, tokenizer = load_model(directory, task, device, dtype)
     metrics.observe_alignment(name, model.router_alignment())
+    model.align_linear_gates(settings.adaptation_align_linear_gate)
     if settings.cpu_packed_experts:
         model.pack_experts_for_cpu()
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None

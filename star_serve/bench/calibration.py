@@ -60,6 +60,7 @@ class CalibrationBenchConfig:
     seq_len: int = 128
     step_tokens: int = 512
     seed: int = 0
+    align_linear_gate: bool = Settings.default("adaptation_align_linear_gate")
 
 
 def _windows(tokenizer: Any, docs: Sequence[str], seq_len: int, sizes: Sequence[int]) -> list[torch.Tensor]:
@@ -174,6 +175,7 @@ def run_calibration_bench(cfg: CalibrationBenchConfig, log: Callable[[str], None
         for model_dir in cfg.models:
             model, tokenizer = load_model(model_dir, "generate", torch.device("cpu"), torch.float32)
             assert isinstance(model, StarMoeForCausalLM)
+            model.align_linear_gates(cfg.align_linear_gate)
             evaluation, slice_ = _windows(tokenizer, heldout, cfg.seq_len, (cfg.eval_tokens, cfg.repeated_tokens))
             (fresh,) = _windows(tokenizer, train_docs, cfg.seq_len, (cfg.traffic_tokens,))
             name = _name(model_dir)
@@ -224,4 +226,6 @@ def _table(results: dict[str, Any]) -> str:
             )
     frozen = {run["model"]: run["frozen_loss"] for run in results["runs"]}
     lines.append("\nHeld-out loss with the trained bases: " + ", ".join(f"{m} {v:.3f}" for m, v in frozen.items()))
-    return "\n".join(lines) + " nats/token.\n"
+    aligned = "aligned to" if results["config"]["align_linear_gate"] else "not aligned to"
+    lines[-1] += f" nats/token. The linear half of the gate {aligned} the tenant's subspace."
+    return "\n".join(lines) + "\n"

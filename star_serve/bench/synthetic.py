@@ -19,8 +19,10 @@ Measured, for each seed and shift, on `eval_samples` shifted inputs: the accurac
 its trained bases ("frozen"), with the bases of a tenant whose traffic was `traffic_samples` other shifted
 inputs fed through the product's `Adapter` with its defaults (one GHA step per 512 inputs; no quality gate,
 which scores token sequences and this model reads vectors: "adapted"), and with V Qᵀ, the exact
-compensation of the subspace half ("ceiling"); and the same for a `star_gha_only` classifier and a
-classifier with a linear router trained on the same data ("linear", which has nothing to adapt).
+compensation of the subspace ("ceiling"); and the same for a `star_gha_only` classifier and a classifier
+with a linear router trained on the same data ("linear", which has nothing to adapt). The `star` gate's linear
+half reads each input aligned to the tenant's subspace, as the product's does (`StarMoeRouter.align_linear`);
+"W unaligned" is the same tenant through STAR.md's gate as written, whose linear half reads the shifted input.
 "Routed as unshifted" routes each input as its unshifted twin would be routed while the experts read the
 shifted input: what the shift took from the experts alone, the bound of any change of routing.
 "Recovered" is (adapted − frozen) / (unshifted − frozen): the share of what the shift took that
@@ -144,8 +146,16 @@ class SyntheticClassifier(nn.Module):
         return self.head(out.hidden_states[:, 0]), out
 
     @torch.no_grad()
-    def accuracy(self, x: torch.Tensor, label: torch.Tensor, basis: torch.Tensor | None = None) -> float:
-        logits, _ = self(x, basis)
+    def accuracy(
+        self, x: torch.Tensor, label: torch.Tensor, basis: torch.Tensor | None = None, align_linear: bool = True
+    ) -> float:
+        """With `align_linear` False, the linear half of a `star` gate reads the inputs as they are."""
+        router = self.block.router
+        router.align_linear = align_linear
+        try:
+            logits, _ = self(x, basis)
+        finally:
+            router.align_linear = True
         return float((logits.argmax(-1) == label).float().mean())
 
     @torch.no_grad()
@@ -240,6 +250,8 @@ def run_synthetic_bench(cfg: SyntheticBenchConfig, log: Callable[[str], None] = 
                         store = Path(tmp) / f"{seed}-{t:g}-{name}"
                         adapted = asyncio.run(adapt(model, traffic, store))
                         run["adapted"] = model.accuracy(x, label, adapted)
+                        if name == "star":
+                            run["adapted_unaligned"] = model.accuracy(x, label, adapted, align_linear=False)
                         run["ceiling"] = model.accuracy(x, label, trained @ q.T)
                         lost = run["unshifted"] - run["frozen"]
                         run["recovered"] = (run["adapted"] - run["frozen"]) / lost if lost > 0.01 else None
@@ -263,7 +275,7 @@ def _describe(run: dict[str, Any]) -> str:
     return text
 
 
-COLUMNS = ("unshifted", "frozen", "adapted", "ceiling", "routed_as_unshifted", "recovered")
+COLUMNS = ("unshifted", "frozen", "adapted_unaligned", "adapted", "ceiling", "routed_as_unshifted", "recovered")
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float] | None]]]:
@@ -292,8 +304,9 @@ def _table(summary: dict[str, Any], cfg: SyntheticBenchConfig) -> str:
         return f"{value['median']:.3f} ({value['min']:.3f} … {value['max']:.3f})"
 
     lines = [
-        "| router | shift t (turn) | unshifted | frozen | adapted | ceiling (V Qᵀ) | routed as unshifted | recovered |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| router | shift t (turn) | unshifted | frozen | adapted, W unaligned | adapted | ceiling (V Qᵀ) "
+        "| routed as unshifted | recovered |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for router, rows in summary.items():
         for t, row in rows.items():
@@ -303,8 +316,10 @@ def _table(summary: dict[str, Any], cfg: SyntheticBenchConfig) -> str:
     lines.append(
         f"\nAccuracy, medians (smallest … largest) over {len(cfg.seeds)} seeds, on {cfg.eval_samples:,} shifted "
         f"inputs; adapted after {cfg.traffic_samples:,} shifted inputs of traffic; trained with weight decay "
-        f"{cfg.weight_decay:g}. Routed as unshifted: the experts read the shifted inputs, routed as their unshifted "
-        "twins are. Recovered: (adapted − frozen) / (unshifted − frozen), where the shift took more than 0.01.\n"
+        f"{cfg.weight_decay:g}. Adapted: the product's gate, whose linear half reads each input aligned to the "
+        "tenant's subspace; W unaligned: STAR.md's gate as written, whose linear half reads the shifted input as it "
+        "is. Routed as unshifted: the experts read the shifted inputs, routed as their unshifted twins are. "
+        "Recovered: (adapted − frozen) / (unshifted − frozen), where the shift took more than 0.01.\n"
     )
     return "\n".join(lines)
 

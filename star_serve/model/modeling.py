@@ -230,6 +230,12 @@ class StarMoePreTrainedModel(PreTrainedModel):
         (..., L, E, D) in the model's dtype."""
         return torch.stack([r.gate(bases[..., i, :, :]) for i, r in enumerate(self._routers())], dim=-3)
 
+    def align_linear_gates(self, enabled: bool) -> None:
+        """Whether the linear half of every STAR gate reads a tenant's inputs aligned to its subspace
+        (`StarMoeRouter.align_linear`); fold gates again after changing it."""
+        for router in self._routers():
+            router.align_linear = enabled
+
     def pack_experts_for_cpu(self) -> bool:
         """Packs every MoE layer's expert weights for inference on a CPU (`StarMoeExperts.pack_for_cpu`);
         False where they stay as they are (another device or dtype)."""

@@ -40,6 +40,13 @@ class StarMoeRouter(nn.Module):
     `bases` (B, E, D), when given, replaces the trained basis per sequence: this is how a batch that mixes
     tenants routes each sequence through its own tenant's subspace in one pass. A 2-D `bases` (E, D) is one
     basis for the whole batch. At inference, `gate` (see `gate()`) is the whole gate folded beforehand.
+
+    A tenant's basis V' is GHA's estimate of where its inputs' principal directions went; the linear half of
+    the gate, W, is frozen at test time and would read the moved inputs as they are. With `align_linear` (on
+    by default; off is STAR.md's gate as written) W reads each input with its coordinates in the tenant's
+    subspace put back on the trained basis, x + (x V'^T)(V - V'): an input that turned with the subspace is
+    routed as before the turn (exactly, for a turn that maps span V onto itself). The trained basis changes
+    nothing, and the aligned gate is still one matrix per basis, W + W (V - V')^T V'.
     """
 
     def __init__(self, config: StarMoeConfig) -> None:
@@ -52,6 +59,7 @@ class StarMoeRouter(nn.Module):
             self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         if self.router_type in ("star", "star_gha_only"):
             self.star_gate = StarGate(self.num_experts, config.hidden_size)
+        self.align_linear = True
 
     @property
     def uses_subspace(self) -> bool:
@@ -73,7 +81,15 @@ class StarMoeRouter(nn.Module):
         if self.router_type == "star_gha_only":
             return rotated
         s = torch.sigmoid(self.star_gate.alpha)[:, None]
-        return s * self.weight + (1 - s) * rotated
+        return s * self.linear_weight(bases) + (1 - s) * rotated
+
+    def linear_weight(self, bases: torch.Tensor | None = None) -> torch.Tensor:
+        """The linear half's weight (..., E, D) for a tenant's `bases` (..., E, D): W, aligned with
+        `align_linear` to the tenant's subspace as W + W (V - V')^T V'."""
+        if bases is None or not self.align_linear:
+            return self.weight
+        tenant = bases.to(self.weight.dtype)
+        return self.weight + (self.weight @ (self.basis.to(tenant.dtype) - tenant).transpose(-1, -2)) @ tenant
 
     def forward(
         self,
@@ -100,13 +116,21 @@ class StarMoeRouter(nn.Module):
             basis = self.basis if bases is None else bases
             rotated = (mixing @ basis.to(mixing.dtype)).to(x.dtype)  # (E, D)
             gha_logits = F.linear(x, rotated)
+            if self.router_type == "star_gha_only":
+                return gha_logits
+            linear_logits = F.linear(x, self.linear_weight(bases).to(x.dtype))
         else:  # x (R V_b)^T as (x V_b^T) R^T: two batched products, no (B, E, D) rotation per forward
-            projected = torch.bmm(x, bases.to(x.dtype).transpose(1, 2))  # (B, S, E)
+            tenant = bases.to(x.dtype)
+            projected = torch.bmm(x, tenant.transpose(1, 2))  # (B, S, E)
             gha_logits = projected @ mixing.to(x.dtype).T
-        if self.router_type == "star_gha_only":
-            return gha_logits
+            if self.router_type == "star_gha_only":
+                return gha_logits
+            weight = self.weight.to(x.dtype)
+            linear_logits = F.linear(x, weight)
+            if self.align_linear:  # + (x V_b^T)(V - V_b) W^T, with the (B, E, E) product of the bases
+                linear_logits = linear_logits + torch.bmm(projected, (self.basis.to(x.dtype) - tenant) @ weight.T)
         s = torch.sigmoid(self.star_gate.alpha).to(x.dtype)
-        return s * F.linear(x, self.weight) + (1 - s) * gha_logits
+        return s * linear_logits + (1 - s) * gha_logits
 
     @torch.no_grad()
     def power_retract(self, expert_inputs: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from star_serve.adaptation.bus import StatisticsBatch
 from star_serve.adaptation.capture import capture
 from star_serve.adaptation.forwards import Forward, capture_forward, held_back
 from star_serve.adaptation.messages import RingForward
-from star_serve.adaptation.quality import HoldBack, QualityConfig, QualityGate, model_scorer
+from star_serve.adaptation.quality import GateModel, HoldBack, QualityConfig, QualityGate, model_scorer
 from star_serve.adaptation.ring import SharedRing
 from star_serve.adaptation.store import Snapshot
 from star_serve.model import (
@@ -29,6 +30,7 @@ from star_serve.model import (
     orthonormalize,
 )
 from star_serve.model.scoring import score_sequences
+from star_serve.training.tokenizer import train_tokenizer
 
 CPU = torch.device("cpu")
 GUARD = Guardrails(max_step=10.0, max_distance=1.0, orthogonality_tolerance=10.0, min_entropy_ratio=0.0)
@@ -335,3 +337,19 @@ def test_a_tenant_whose_committed_version_scores_worse_than_the_trained_bases_ro
         assert health.loss is not None and health.loss[0] == health.loss[1] == state.verdict.trained
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("align_linear", [True, False])
+def test_the_gate_model_folds_a_tenants_bases_as_the_served_model_does(
+    tmp_path: Path, make_model: Callable[..., Any], align_linear: bool
+) -> None:
+    """The adaptation process's copy of the model judges candidates through the gate that serves them."""
+    served = make_model()
+    served.save_pretrained(tmp_path)
+    train_tokenizer(["a tokenizer for the checkpoint"], vocab_size=300).save_pretrained(tmp_path)
+    served.align_linear_gates(align_linear)
+    judging = GateModel(tmp_path, "generate", align_linear).load()
+    trained = served.trained_bases()
+    tenant = orthonormalize(trained + 0.3 * torch.randn(trained.shape, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(judging.router_gates(tenant), served.router_gates(tenant))
+    torch.testing.assert_close(judging.router_gates(trained), served.router_gates(trained))

@@ -43,8 +43,9 @@ def test_a_still_tenant_keeps_the_trained_routing_and_a_moving_one_does_not(tmp_
 
     runs = [{"model": "tiny", "traffic": "fresh", "learning_rate": lr, **r} for lr, r in ((1e-9, still), (0.5, moving))]
     runs[1]["gated"] = True
-    table = _table({"runs": runs})
+    table = _table({"config": {"align_linear_gate": False}, "runs": runs})
     assert table.count("| tiny | fresh |") == 4 and "| 1e-09 | off |" in table and "| 0.5 | on |" in table
+    assert "The linear half of the gate not aligned to the tenant's subspace." in table
 
 
 def test_with_the_gate_the_held_back_prompts_feed_no_step_and_every_step_is_judged(tmp_path: Path) -> None:

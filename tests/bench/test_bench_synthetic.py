@@ -81,5 +81,6 @@ def test_a_small_run_writes_its_report(tmp_path: Path) -> None:
     results = run_synthetic_bench(cfg, log=lambda _: None)
     assert {r["router"] for r in results["runs"]} == {"star", "star_gha_only", "linear"}
     assert all("adapted" in r for r in results["runs"] if r["router"] != "linear")
+    assert [r["router"] for r in results["runs"] if "adapted_unaligned" in r] == ["star"]
     assert "| star | 0.5 (49°) |" in (tmp_path / "synthetic.md").read_text()
     assert (tmp_path / "synthetic.json").exists()

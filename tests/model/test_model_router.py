@@ -36,7 +36,8 @@ def eval_router(config: StarMoeConfig, seed: int) -> tuple[StarMoeRouter, torch.
 
 
 def expected_logits(router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor | None = None) -> torch.Tensor:
-    """STAR.md's gate in float64, token by token; `bases` (B, E, D) replaces V per sequence."""
+    """STAR.md's gate in float64, token by token; `bases` (B, E, D) replaces V per sequence, and with
+    `align_linear` the linear half reads x + V^T (V' x) - V'^T (V' x), V the trained basis."""
     x = x.double()
     out = torch.zeros(x.shape[0], x.shape[1], E, dtype=torch.float64)
     for b in range(x.shape[0]):
@@ -51,7 +52,9 @@ def expected_logits(router: StarMoeRouter, x: torch.Tensor, bases: torch.Tensor 
             if router.router_type == "star_gha_only":
                 out[b, t] = l_gha
                 continue
-            l_lin = router.weight.double() @ xt
+            trained = router.star_gate.gha.basis.double()
+            aligned = xt + (trained - v).T @ (v @ xt) if router.align_linear else xt
+            l_lin = router.weight.double() @ aligned
             s = torch.sigmoid(router.star_gate.alpha.double())
             out[b, t] = s * l_lin + (1 - s) * l_gha
     return out
@@ -72,9 +75,13 @@ def test_gate_matches_formula_in_eval_mode(router_type: str, make_config: Callab
         assert not hasattr(router, "star_gate")
 
 
+@pytest.mark.parametrize("align_linear", [True, False])
 @pytest.mark.parametrize("router_type", ["star", "star_gha_only"])
-def test_gate_with_per_sequence_bases(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
+def test_gate_with_per_sequence_bases(
+    router_type: str, align_linear: bool, make_config: Callable[..., StarMoeConfig]
+) -> None:
     router, x, gen = eval_router(make_config(router_type=router_type), seed=11)
+    router.align_linear = align_linear
     bases = torch.randn(B, E, D, generator=gen)
     bases = bases / bases.norm(dim=-1, keepdim=True)
     got = router(x, bases=bases)
@@ -86,9 +93,13 @@ def test_gate_with_per_sequence_bases(router_type: str, make_config: Callable[..
     torch.testing.assert_close(got[1:], alone, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("align_linear", [True, False])
 @pytest.mark.parametrize("router_type", ["star", "star_gha_only", "linear", "mpi"])
-def test_the_folded_gate_routes_as_the_formula(router_type: str, make_config: Callable[..., StarMoeConfig]) -> None:
+def test_the_folded_gate_routes_as_the_formula(
+    router_type: str, align_linear: bool, make_config: Callable[..., StarMoeConfig]
+) -> None:
     router, x, gen = eval_router(make_config(router_type=router_type), seed=12)
+    router.align_linear = align_linear
     with torch.no_grad():
         shared = router(x, gate=router.gate())  # (E, D): one gate for the batch
     torch.testing.assert_close(shared.double(), expected_logits(router, x), rtol=0, atol=1e-5)
@@ -101,6 +112,29 @@ def test_the_folded_gate_routes_as_the_formula(router_type: str, make_config: Ca
         assert gates.shape == (B, E, D)
         per_sequence = router(x, gate=gates)
     torch.testing.assert_close(per_sequence.double(), expected_logits(router, x, bases), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("align_linear", [True, False])
+def test_inputs_turned_with_the_tenants_basis_route_as_before_the_turn(
+    align_linear: bool, make_config: Callable[..., StarMoeConfig]
+) -> None:
+    """Inputs turned by Q within the trained subspace, and the tenant's basis V' = V Q^T turned with them: the
+    subspace half routes as before the turn with either gate, the linear half only when aligned."""
+    router, x, gen = eval_router(make_config(router_type="star"), seed=13)
+    router.align_linear = align_linear
+    with torch.no_grad():  # orthonormal rows, so that span V is what Q turns
+        router.star_gate.gha.basis.copy_(torch.linalg.qr(torch.randn(D, E, generator=gen))[0].T)
+    v = router.basis
+    m = torch.linalg.qr(torch.randn(E, E, generator=gen))[0]  # a turn of span V within itself
+    q = torch.eye(D) + v.T @ (m - torch.eye(E)) @ v  # identity on the rest of the space
+    turned, tenant = x @ q.T, (v @ q.T).expand(B, E, D)
+    with torch.no_grad():
+        before = router(x)
+        after = router(turned, bases=tenant)
+        folded = router(turned, gate=router.gate(tenant))
+    torch.testing.assert_close(folded, after, rtol=0, atol=1e-5)
+    assert torch.allclose(after, before, atol=1e-4) == align_linear
+    assert not torch.allclose(router(turned), before, atol=1e-4)  # the trained basis alone does not follow
 
 
 def swiglu_expert(block: StarMoeSparseBlock, e: int, x: torch.Tensor) -> torch.Tensor:
