@@ -68,11 +68,11 @@ class Settings(BaseSettings):
         "(on 2 cores at 32 clients, every core measured 1.6-1.9x one core on a 182M-shape model), else all "
         "cores but one, which the HTTP loop needs (the demo LM measured 0.88-1.08x with every core).",
     )
-    cpu_packed_experts: bool = Field(
+    cpu_packed_weights: bool = Field(
         True,
-        description="On a CPU in float32, also keep experts of 1 MiB or more in oneDNN's blocked layout, through "
-        "which a decode step's few rows per expert multiply about twice as fast; it costs that much memory "
-        "again (the experts' weights twice).",
+        description="On a CPU in float32, also keep the weights of 1 MiB or more that a decode step multiplies by "
+        "few rows (experts, attention projections, LM head) in oneDNN's blocked layout, through which they "
+        "multiply about twice as fast; it costs their memory again.",
     )
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."

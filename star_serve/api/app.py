@@ -71,8 +71,8 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     model, tokenizer = load_model(directory, task, device, dtype)
     metrics.observe_alignment(name, model.router_alignment())
     model.align_linear_gates(settings.adaptation_align_linear_gate)
-    if settings.cpu_packed_experts:
-        model.pack_experts_for_cpu()
+    if settings.cpu_packed_weights:
+        model.pack_for_cpu()
     trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
     bank = TenantBank(trained, device, dtype, fold=model.router_gates)
     adapter = open_adaptation(name, model, directory, bank, settings)

@@ -163,7 +163,7 @@ def random_weights(shape: str, tokenizer_dir: Path, out: Path) -> Path:
     torch.manual_seed(0)
     model = StarMoeForCausalLM(config)
     with torch.no_grad():  # the preset's vocabulary is wider than the tokenizer's: never choose a token without text
-        model.get_output_embeddings().weight[len(tokenizer) :] = 0
+        model.lm_head.weight[len(tokenizer) :] = 0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     share_checkpoint(out)

@@ -23,6 +23,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration import StarMoeConfig
 from .moe import StarMoeExperts, StarMoeSparseBlock
+from .packing import pack_linears
 from .router import StarGate, StarMoeRouter, switch_load_balancing_loss
 from .routing import TRAINED, Routing
 
@@ -236,12 +237,17 @@ class StarMoePreTrainedModel(PreTrainedModel):
         for router in self._routers():
             router.align_linear = enabled
 
-    def pack_experts_for_cpu(self) -> bool:
-        """Packs every MoE layer's expert weights for inference on a CPU (`StarMoeExperts.pack_for_cpu`);
-        False where they stay as they are (another device or dtype)."""
+    def pack_for_cpu(self) -> bool:
+        """Keeps the weights that a decode step multiplies by few rows packed for a CPU where that pays
+        (`packing.py`): every MoE layer's experts, the attention projections and the LM head. False where
+        none is (another device or dtype, or weights too small to gain)."""
         backbone = self.base_model
         assert isinstance(backbone, StarMoeModel)
-        return all([layer.mlp.experts.pack_for_cpu() for layer in backbone.decoder_layers()])
+        packed = [pack_linears(self, ("lm_head",))] if hasattr(self, "lm_head") else []
+        for layer in backbone.decoder_layers():
+            packed.append(layer.mlp.experts.pack_for_cpu())
+            packed.append(pack_linears(layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")))
+        return any(packed)
 
     def router_alignment(self) -> list[float | None]:
         """Per MoE layer, the mean |cosine| between each linear-gate row and its expert's principal input
@@ -349,7 +355,7 @@ class StarMoeForCausalLM(StarMoePreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def get_output_embeddings(self) -> nn.Linear:
+    def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")

@@ -9,13 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import StarMoeConfig
+from .packing import pack, packable, packed_linear
 from .router import StarMoeRouter
-
-# The rows per expert that packed weights are blocked for: decode steps give an expert a few to a few dozen.
-PACKED_ROWS_HINT = 16
-# Packing pays from an expert's gate and up projections of 1 MiB in float32 (hidden 256, FFN 512: 1.5-1.8x
-# at 4 to 32 rows, 0.9x at one); below, oneDNN's cost per call outweighs it (the demo LM's: 0.6-0.9x).
-PACKED_MIN_ELEMENTS = 1 << 18
 
 
 class StarMoeExperts(nn.Module):
@@ -30,28 +25,20 @@ class StarMoeExperts(nn.Module):
         self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack_for_cpu
 
     def pack_for_cpu(self) -> bool:
-        """Keeps a copy of each expert's weights in oneDNN's blocked layout, through which the few rows an
-        expert gets per decode step multiply at about twice the speed of the row-major weights (float32 on
-        a CPU, experts of PACKED_MIN_ELEMENTS or more). Inference only: the copies do not follow later changes
-        of the weights. True if packed."""
-        weight = self.gate_up_proj
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        """Keeps a copy of each expert's weights packed for the few rows an expert gets per decode step
+        (`packing.py`), where that pays. True if packed."""
+        if not packable(self.gate_up_proj[0]):
             return False
-        if weight[0].numel() < PACKED_MIN_ELEMENTS:
-            return False
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            self._packed = [
-                (reorder(gate_up.detach(), PACKED_ROWS_HINT), reorder(down.detach(), PACKED_ROWS_HINT))
-                for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True)
-            ]
+        self._packed = [
+            (pack(gate_up), pack(down)) for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True)
+        ]
         return True
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self._packed is not None and not torch.is_grad_enabled():
             gate_up, down = self._packed[e]
-            gate, up = torch.ops.mkldnn._linear_pointwise(rows, gate_up, None, "none", [], "").chunk(2, dim=-1)
-            return torch.ops.mkldnn._linear_pointwise(F.silu(gate) * up, down, None, "none", [], "")
+            gate, up = packed_linear(rows, gate_up).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, down)
         gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 

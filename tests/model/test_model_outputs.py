@@ -8,6 +8,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from star_serve.model.packing import PackedLinear
 
 B, S, E, L = 2, 6, 4, 2
 
@@ -114,21 +117,31 @@ def test_causal_lm_loss_is_cross_entropy_plus_weighted_aux(top_k: int, make_mode
     assert L * 1.0 - 1e-6 <= out.aux_loss.item() <= L * E + 1e-6
 
 
-def test_experts_packed_for_the_cpu_compute_what_the_weights_compute(make_model: Callable[..., Any]) -> None:
-    model = make_model(num_local_experts=4, num_experts_per_tok=2, hidden_size=256, intermediate_size=512)
+def test_weights_packed_for_the_cpu_compute_what_the_weights_compute(make_model: Callable[..., Any]) -> None:
+    wide = {"hidden_size": 512, "intermediate_size": 256, "vocab_size": 1024}  # 1 MiB an expert, head, q and o
+    model = make_model(num_local_experts=4, num_experts_per_tok=2, **wide)
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    names = set(model.state_dict())
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        assert model.pack_experts_for_cpu()
+        assert model.pack_for_cpu()
         packed = model(input_ids=ids).logits
+    attention = model.base_model.decoder_layers()[0].self_attn
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(attention.q_proj, PackedLinear)
+    assert set(model.state_dict()) == names  # checkpoints read and write the same names
     assert torch.allclose(packed, plain, atol=1e-5), (packed - plain).abs().max()
     with torch.enable_grad():  # training never goes through the packed copies: gradients reach the weights
         model(input_ids=ids).logits.sum().backward()
     experts = model.base_model.decoder_layers()[0].mlp.experts
     assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
-def test_experts_are_packed_only_on_the_cpu_in_float32_and_where_it_pays(make_model: Callable[..., Any]) -> None:
-    wide = {"hidden_size": 256, "intermediate_size": 512}  # 1 MiB of gate and up projections an expert
-    assert not make_model(**wide).to(torch.bfloat16).pack_experts_for_cpu()
-    assert not make_model().pack_experts_for_cpu()  # the tiny model's experts: oneDNN's cost per call outweighs it
+def test_weights_are_packed_only_on_the_cpu_in_float32_and_where_it_pays(make_model: Callable[..., Any]) -> None:
+    wide = {"hidden_size": 256, "intermediate_size": 512, "vocab_size": 1024}  # 1 MiB an expert and LM head
+    assert not make_model(**wide).to(torch.bfloat16).pack_for_cpu()
+    tiny = make_model()
+    assert not tiny.pack_for_cpu()  # the tiny model's weights: oneDNN's cost per call outweighs it
+    assert isinstance(tiny.lm_head, nn.Linear)
+    narrow_head = make_model(hidden_size=256, intermediate_size=512)  # experts of 1 MiB, a smaller LM head
+    assert narrow_head.pack_for_cpu() and isinstance(narrow_head.lm_head, nn.Linear)
