@@ -240,7 +240,7 @@ def cmd_bench_peers(args: argparse.Namespace, settings: Settings) -> None:
     from .bench.peers import PeersBenchConfig, run_peers_bench
 
     args.model = args.model or _demo_lm(settings)
-    given = _given(args, "shape", "requests", "max_tokens", "repeats", "vllm_env", "clients")
+    given = _given(args, "shape", "requests", "max_tokens", "repeats", "vllm_env", "clients", "dtype")
     run_peers_bench(PeersBenchConfig(model=args.model, out_dir=args.out, **given))
     print((args.out / "peers.md").read_text())
 

@@ -60,6 +60,7 @@ class PeersBenchConfig:
     repeats: int = 3
     context: int = 512
     vllm_env: Path = VLLM_ENV
+    dtype: str = "float32"  # every server's and the roofline's: float32 or bfloat16
 
 
 def linear_router(star_dir: Path, out: Path) -> Path:
@@ -79,7 +80,7 @@ def linear_router(star_dir: Path, out: Path) -> Path:
 
 @contextlib.contextmanager
 def vllm_server(
-    env_dir: Path, model_dir: Path, context: int, log_path: Path, ready_timeout: float = 900.0
+    env_dir: Path, model_dir: Path, context: int, dtype: str, log_path: Path, ready_timeout: float = 900.0
 ) -> Iterator[str]:
     """vLLM's OpenAI server of `model_dir` as `bench` on a free port, from the environment `env_dir`, its output
     in `log_path`; yields its URL."""
@@ -89,7 +90,7 @@ def vllm_server(
     command = [
         str(env_dir / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", str(context), "--dtype", "float32",
+        "--max-model-len", str(context), "--dtype", dtype,
         # On the CPU this is the share of the machine's memory vLLM claims; its default, 0.92, fails to start
         # beside the other processes of a run, and a third leaves its keys and values ample room.
         "--gpu-memory-utilization", "0.3",
@@ -121,8 +122,8 @@ def vllm_server(
 
 
 @contextlib.contextmanager
-def star_server(model_dir: Path) -> Iterator[str]:
-    env = {"STAR_ADAPTATION": "off", "STAR_MAX_RUNNING": "32", "STAR_MAX_WAITING": "1024"}
+def star_server(model_dir: Path, dtype: str) -> Iterator[str]:
+    env = {"STAR_ADAPTATION": "off", "STAR_MAX_RUNNING": "32", "STAR_MAX_WAITING": "1024", "STAR_DTYPE": dtype}
     server = BenchServer(model_dir, env)
     try:
         yield server.url
@@ -148,7 +149,8 @@ def transformers_batching(
     mixtral: Path, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Tokens/s of transformers' continuous batching on `mixtral`, per number of requests in flight."""
-    model = AutoModelForCausalLM.from_pretrained(str(mixtral), attn_implementation="sdpa", dtype=torch.float32).eval()
+    dtype = getattr(torch, cfg.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(mixtral), attn_implementation="sdpa", dtype=dtype).eval()
     greedy = GenerationConfig(
         max_new_tokens=cfg.max_tokens, min_new_tokens=cfg.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )
@@ -182,12 +184,13 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
         }
         results["config"]["model"] = cfg.model.name  # no machine paths
         log("the machine's roofline: dense matmul and memory bandwidth")
-        roofline = measure_roofline(torch.device("cpu"), torch.float32)
+        dtype = getattr(torch, cfg.dtype)
+        roofline = measure_roofline(torch.device("cpu"), dtype)
         results["roofline"] = roofline.as_dict()
         mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
         if (cfg.vllm_env / "bin" / "python").exists():
             log("vLLM, the linear gate and experts written as Mixtral")
-            with vllm_server(cfg.vllm_env, mixtral, cfg.context, cfg.out_dir / "vllm.log") as url:
+            with vllm_server(cfg.vllm_env, mixtral, cfg.context, cfg.dtype, cfg.out_dir / "vllm.log") as url:
                 results["servers"]["vllm"] = _measure(url, prompts, cfg, log)
         else:
             skipped = cfg.vllm_env.with_suffix(".skipped")
@@ -196,7 +199,7 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
             log(f"vLLM left out: {reason}")
         for name, directory in (("star-serve, linear router", linear), ("star-serve, STAR router", star)):
             log(name)
-            with star_server(directory) as url:
+            with star_server(directory, cfg.dtype) as url:
                 results["servers"][name] = _measure(url, prompts, cfg, log)
         log(f"transformers {transformers_version} continuous batching (generate_batch), the Mixtral checkpoint")
         results["servers"][TRANSFORMERS] = transformers_batching(mixtral, prompts, cfg, log)
@@ -207,7 +210,9 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
                 continue
             for clients, row in rows.items():
                 batch = min(int(clients), cfg.requests)
-                row["roofline_share"] = roofline_share(roofline, config, batch, context, 4, row["tokens_per_s"])
+                row["roofline_share"] = roofline_share(
+                    roofline, config, batch, context, dtype.itemsize, row["tokens_per_s"]
+                )
     write_report(cfg.out_dir, "peers", results, _table(results, cfg), None)
     return results
 
@@ -247,11 +252,11 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
         "",
         " ".join(notes),
         f"{cfg.requests} streamed requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`), token-id prompts; "
-        f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'}; TPOT: time per output token after "
-        "the first. transformers' continuous batching runs in the bench's own process (no HTTP, so no latencies), "
+        f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'} in {cfg.dtype}; TPOT: time per output "
+        "token after the first. transformers' continuous batching runs in the bench's own process (no HTTP, so no latencies), "
         "at most as many requests in flight as clients. Roofline measured in the same run: "
         f"{results['roofline']['matmul_gflops']:.0f} GFLOP/s dense "
-        f"float32 matmul, {results['roofline']['bandwidth_gb_s']:.1f} GB/s; a share is the roofline's time of a "
+        f"{cfg.dtype} matmul, {results['roofline']['bandwidth_gb_s']:.1f} GB/s; a share is the roofline's time of a "
         "decode step at the run's batch over the step time achieved.",
     ]
     return "\n".join(lines) + "\n"
