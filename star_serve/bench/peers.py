@@ -253,8 +253,8 @@ def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
         " ".join(notes),
         f"{cfg.requests} streamed requests of {cfg.max_tokens} tokens (greedy, `ignore_eos`), token-id prompts; "
         f"medians of {cfg.repeats} runs; {cfg.shape or 'the given checkpoint'} in {cfg.dtype}; TPOT: time per output "
-        "token after the first. transformers' continuous batching runs in the bench's own process (no HTTP, so no latencies), "
-        "at most as many requests in flight as clients. Roofline measured in the same run: "
+        "token after the first. transformers' continuous batching runs in the bench's own process (no HTTP, so no "
+        "latencies), at most as many requests in flight as clients. Roofline measured in the same run: "
         f"{results['roofline']['matmul_gflops']:.0f} GFLOP/s dense "
         f"{cfg.dtype} matmul, {results['roofline']['bandwidth_gb_s']:.1f} GB/s; a share is the roofline's time of a "
         "decode step at the run's batch over the step time achieved.",
