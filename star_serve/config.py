@@ -70,9 +70,9 @@ class Settings(BaseSettings):
     )
     cpu_packed_weights: bool = Field(
         True,
-        description="On a CPU in float32, also keep the weights of 1 MiB or more that a decode step multiplies by "
-        "few rows (experts, attention projections, LM head) in oneDNN's blocked layout, through which they "
-        "multiply about twice as fast; it costs their memory again.",
+        description="On a CPU (float32, or bfloat16 where the CPU multiplies it natively), also keep the weights "
+        "of 1 MiB or more that a decode step multiplies by few rows (experts, attention projections, LM head) in "
+        "oneDNN's blocked layout, through which they multiply about twice as fast; it costs their memory again.",
     )
     redis_url: str | None = Field(
         None, description="Snapshots in Redis (shared by replicas); unset: in STATE_DIR/snapshots on local disk."
