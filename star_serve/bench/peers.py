@@ -37,7 +37,7 @@ from transformers import __version__ as transformers_version
 
 from ..convert.mixtral import write_mixtral
 from ..model import StarMoeConfig
-from ..model.loading import share_checkpoint
+from ..model.loading import resolve_dtype, share_checkpoint
 from .clients import stream_load
 from .report import free_port, write_report
 from .roofline import measure_roofline, roofline_share
@@ -149,7 +149,7 @@ def transformers_batching(
     mixtral: Path, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Tokens/s of transformers' continuous batching on `mixtral`, per number of requests in flight."""
-    dtype = getattr(torch, cfg.dtype)
+    dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
     model = AutoModelForCausalLM.from_pretrained(str(mixtral), attn_implementation="sdpa", dtype=dtype).eval()
     greedy = GenerationConfig(
         max_new_tokens=cfg.max_tokens, min_new_tokens=cfg.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -184,7 +184,7 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
         }
         results["config"]["model"] = cfg.model.name  # no machine paths
         log("the machine's roofline: dense matmul and memory bandwidth")
-        dtype = getattr(torch, cfg.dtype)
+        dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
         roofline = measure_roofline(torch.device("cpu"), dtype)
         results["roofline"] = roofline.as_dict()
         mixtral = write_mixtral(linear, Path(tmp) / "mixtral")

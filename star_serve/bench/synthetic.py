@@ -151,11 +151,11 @@ class SyntheticClassifier(nn.Module):
     ) -> float:
         """With `align_linear` False, the linear half of a `star` gate reads the inputs as they are."""
         router = self.block.router
-        router.align_linear = align_linear
+        kept, router.align_linear = router.align_linear, align_linear
         try:
             logits, _ = self(x, basis)
         finally:
-            router.align_linear = True
+            router.align_linear = kept
         return float((logits.argmax(-1) == label).float().mean())
 
     @torch.no_grad()
