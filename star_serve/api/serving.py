@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -186,17 +186,20 @@ class GenerationCall:
         for choice in self.choices:
             choice.stream.cancel()
 
-    async def _drain(self, choice: _Choice, sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] | None) -> None:
+    async def _follow(self, choice: _Choice) -> AsyncGenerator[GenerationOutput, None]:
+        """The choice's outputs as the engine sends them, each recorded in the choice and the metrics first."""
         metrics, name = self.state.metrics, self.served.name
+        inter_token = metrics.inter_token_latency.labels(name)
         last = None
         async for output in choice.stream:
-            now = time.monotonic()
             if output.text and self.body.stream:
+                now = time.monotonic()
                 if last is not None:
-                    metrics.inter_token_latency.labels(name).observe(now - last)
+                    inter_token.observe(now - last)
                 last = now
             choice.text.append(output.text)
-            choice.logprobs += output.logprobs
+            if output.logprobs:
+                choice.logprobs += output.logprobs
             if output.prompt_logprobs is not None:
                 choice.prompt_logprobs = output.prompt_logprobs
             if output.finish_reason is not None:
@@ -206,6 +209,10 @@ class GenerationCall:
                     metrics.queue_time.labels(name).observe(output.queue_seconds)
                 if output.first_token_seconds is not None:
                     metrics.time_to_first_token.labels(name).observe(output.first_token_seconds)
+            yield output
+
+    async def _drain(self, choice: _Choice, sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] | None) -> None:
+        async for output in self._follow(choice):
             if sink is not None:
                 await sink.put((choice, output))
 
@@ -307,8 +314,10 @@ class GenerationCall:
         return StreamingResponse(self._events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _events(self) -> AsyncIterator[str]:
+        # One choice (the usual request) is read straight from its stream; several are merged through a queue.
         sink: asyncio.Queue[tuple[_Choice, GenerationOutput]] = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._drain(c, sink)) for c in self.choices]
+        single = self._follow(self.choices[0]) if len(self.choices) == 1 else None
+        tasks = [] if single is not None else [asyncio.ensure_future(self._drain(c, sink)) for c in self.choices]
         outcome = "disconnected"
         try:
             if self.chat:
@@ -317,7 +326,10 @@ class GenerationCall:
             remaining = len(self.choices)
             echoed: set[int] = set()
             while remaining:
-                choice, output = await sink.get()
+                if single is None:
+                    choice, output = await sink.get()
+                else:
+                    choice, output = self.choices[0], await anext(single)
                 if output.finish_reason == "error":
                     outcome = "error"
                     yield _sse(error_body("generation failed inside the engine", "internal_error", None, 500))
@@ -333,7 +345,9 @@ class GenerationCall:
                     continue
                 routing = [output.routing or []] if reason and self.body.return_routing else None
                 content = {"content": output.text} if self.chat else output.text
-                yield _sse(self._chunk(choice.index, content, reason, routing, self._chunk_logprobs(choice, output)))
+                version = None if reason else output.subspace_version
+                logprobs = self._chunk_logprobs(choice, output)
+                yield _sse(self._chunk(choice.index, content, reason, routing, logprobs, version))
             include_usage = self.body.stream_options is not None and self.body.stream_options.include_usage
             if include_usage:
                 yield _sse(self._chunk(None, None, None) | {"choices": [], "usage": self._usage().model_dump()})
@@ -344,6 +358,8 @@ class GenerationCall:
             self.cancel()
             for task in tasks:
                 task.cancel()
+            if single is not None:
+                await single.aclose()
 
     def _record(self, outcome: str) -> None:
         """The request's end-to-end latency and outcome, streamed or not."""
@@ -366,6 +382,7 @@ class GenerationCall:
         reason: str | None,
         routing: Any = None,
         logprobs: CompletionLogprobs | ChatLogprobs | None = None,
+        version: int | None = None,  # mid-stream: the version the choice routes with
     ) -> dict[str, Any]:
         choices = []
         if index is not None:
@@ -380,7 +397,11 @@ class GenerationCall:
             "created": self.created,
             "model": self.served.name,
             "choices": choices,
-            "star": self._star(routing).model_dump(exclude_none=True),
+            "star": (
+                self._star(routing).model_dump(exclude_none=True)
+                if version is None
+                else {"tenant": self.principal.tenant, "subspace_version": version}
+            ),
         }
 
 

@@ -9,6 +9,7 @@ tenant's bases through the tenant bank. Callers `submit` sequences and read each
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -151,7 +152,7 @@ class GenerationEngine:
             if config.prefix_blocks
             else None
         )
-        self._free_slots = list(range(config.max_running))
+        self._free_slots = list(range(config.max_running))  # a heap: the lowest free slot is taken first
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._wakeup = threading.Condition()
@@ -280,8 +281,9 @@ class GenerationEngine:
             elif now > seq.deadline:
                 self._finish(seq, "timeout")
         self._drop_abandoned()
-        decoding = [*self._running]
-        newcomers = self._admit()
+        # In slot order, so that attention reads a run of consecutive slots in place (`SlotKVCache`).
+        decoding = sorted(self._running, key=lambda s: s.slot)
+        newcomers = sorted(self._admit(), key=lambda s: s.slot)
         if newcomers:
             self._forward(newcomers, prefill=True)
         if decoding:
@@ -305,7 +307,7 @@ class GenerationEngine:
                 if seq.cancelled or time.monotonic() > seq.deadline:
                     self._finish(seq, "cancelled" if seq.cancelled else "timeout")
                     continue
-                seq.slot = self._free_slots.pop()
+                seq.slot = heapq.heappop(self._free_slots)
                 seq.queue_seconds = time.monotonic() - seq.submitted_at
                 admitted.append(seq)
         self._running.extend(admitted)
@@ -469,7 +471,7 @@ class GenerationEngine:
 
     def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:
         if (seq.incremental or final) and len(text) > seq.emitted_chars:
-            output = GenerationOutput(text=text[seq.emitted_chars :], token_ids=[])
+            output = GenerationOutput(text=text[seq.emitted_chars :], token_ids=[], subspace_version=seq.version)
             self._outbox.append((seq.stream, self._with_logprobs(seq, output)))
             seq.emitted_chars = len(text)
 
@@ -484,7 +486,7 @@ class GenerationEngine:
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if seq in self._running:
             self._running.remove(seq)
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
         final = GenerationOutput(
             text="",
             token_ids=list(seq.generated),

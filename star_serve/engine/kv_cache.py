@@ -2,7 +2,9 @@
 
 Each running sequence owns one slot of a preallocated (slots, heads, max_len, head_dim) buffer per layer.
 A forward names the slots it runs (any subset, in any order) and where each sequence starts, so sequences
-of different lengths join and leave the batch at every step without moving anyone else's cache.
+of different lengths join and leave the batch at every step without moving anyone else's cache. Attention
+reads a forward's slots in place where they are a run of consecutive slots in order (the engine arranges
+that as far as it can), and gathers them otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class SlotKVCache:
         self.device = device
         self._slots = torch.zeros(0, dtype=torch.long, device=device)
         self._rows = torch.zeros(0, dtype=torch.long, device=device)
+        self._run: slice | None = None  # the forward's slots, where they are consecutive and in order
         self._span = 0
 
     def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +38,9 @@ class SlotKVCache:
         before its own position in its own slot.
         """
         self._slots = slots.to(self.device)
+        first, count = int(slots[0]) if len(slots) else 0, len(slots)
+        consecutive = bool(torch.equal(slots.cpu(), torch.arange(first, first + count)))
+        self._run = slice(first, first + count) if consecutive else None
         positions = starts.to(self.device)[:, None] + torch.arange(query_len, device=self.device)  # (B, S)
         self._span = int(positions.max()) + 1
         if self._span > self.max_len:
@@ -52,7 +58,9 @@ class SlotKVCache:
         heads, head_dim = cache.shape[2:]
         flat = cache.view(-1, heads, head_dim)  # (slots * max_len, H, hd)
         flat.index_copy_(0, self._rows, new.transpose(1, 2).reshape(-1, heads, head_dim).to(cache.dtype))
-        return cache[:, : self._span].index_select(0, self._slots).transpose(1, 2)  # (B, H, K, hd)
+        if self._run is not None:  # a view: no copy of the slots' keys and values
+            return cache[self._run, : self._span].transpose(1, 2)  # (B, H, K, hd)
+        return cache[:, : self._span].index_select(0, self._slots).transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._span

@@ -59,7 +59,7 @@ class GenerationOutput:
     prompt_logprobs: list[TokenLogprob] | None = None  # in the first event, where asked: prompt tokens 2..n
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    subspace_version: int = 0
+    subspace_version: int = 0  # the tenant's version the sequence routes with, in every event
     routing: list[list[int]] | None = None  # per layer: tokens routed to each expert
     queue_seconds: float | None = None  # from submission to the first forward (final event only)
     first_token_seconds: float | None = None  # from submission to the first token (final event only)

@@ -78,6 +78,27 @@ def test_prefill_in_chosen_slots_then_decode_in_any_order_equals_each_sequence_a
         assert torch.equal(cache.keys[layer][slots[0]], before)
 
 
+def test_consecutive_slots_read_in_place_give_the_same_logits_as_gathered_ones(lm: Any) -> None:
+    """Slots 1-3 in order are read as a view of the cache, any other choice is gathered: the logits agree with
+    each sequence run alone either way, and the slots outside the run are never read."""
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, lm.config.vocab_size, (9,), generator=gen) for _ in range(3)]
+    cache = _cache(lm)
+    logits = _forward(lm, cache, torch.stack([s[:6] for s in seqs]), [1, 2, 3], [0, 0, 0])
+    for i, seq in enumerate(seqs):
+        torch.testing.assert_close(logits[i, -1], _alone_last_logits(lm, seq[:6]), rtol=0, atol=1e-5)
+    for layer in range(lm.config.num_hidden_layers):  # garbage where no sequence lives must not matter
+        for stale in (cache.keys[layer], cache.values[layer]):
+            stale[[0, 4]] = float("nan")
+    for step, rows in enumerate(([0, 1, 2], [1, 2], [2, 1])):  # in place, in place, gathered
+        position = 6 + step
+        ids = torch.stack([seqs[i][position] for i in rows])[:, None]
+        logits = _forward(lm, cache, ids, [1 + i for i in rows], [position] * len(rows))
+        for row, i in enumerate(rows):
+            expected = _alone_last_logits(lm, seqs[i][: position + 1])
+            torch.testing.assert_close(logits[row, 0], expected, rtol=0, atol=1e-5)
+
+
 def test_a_reused_slot_forgets_its_previous_sequence(lm: Any) -> None:
     gen = torch.Generator().manual_seed(1)
     cache = _cache(lm)
