@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
 from ..adaptation.bank import BatchRouter, RoutingPlan
@@ -67,6 +69,8 @@ class _Sequence:
     slot: int = -1
     version: int = 0
     generated: list[int] = field(default_factory=list)
+    detokenizer: DecodeStream | None = None  # follows the text token by token, where the tokenizer allows
+    text: str = ""  # the text of `generated` so far, where a detokenizer follows it
     emitted_chars: int = 0
     cancelled: bool = False
     routing: torch.Tensor | None = None  # (L, E) tokens routed to each expert
@@ -145,6 +149,11 @@ class GenerationEngine:
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self._meter = None if live is None else PrefillMeter(live, self.backbone, self.lm_head, self.device)
         self.max_context = model.config.max_position_embeddings
+        # A fast tokenizer decodes a streamed sequence one token at a time, rather than all of its tokens again
+        # at every step, where that gives the same text (no clean-up of spaces before punctuation).
+        backend = getattr(tokenizer, "_tokenizer", None)
+        tidies = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._backend = backend if isinstance(backend, Tokenizer) and not tidies else None
         dtype = next(model.parameters()).dtype
         self.cache = SlotKVCache(model.config, config.max_running, self.max_context, self.device, dtype)
         self.prefixes = (
@@ -455,7 +464,7 @@ class GenerationEngine:
         out_of_room = len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context
         if not (eos or out_of_room or seq.incremental or seq.params.stop):
             return
-        text = self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
+        text = self._text(seq, eos, final=eos or out_of_room)
         found = [text.find(stop, max(0, seq.emitted_chars - len(stop))) for stop in seq.params.stop]
         if len(seq.generated) < seq.params.min_tokens:
             found = []
@@ -468,6 +477,20 @@ class GenerationEngine:
             self._finish(seq, "stop" if eos else "length")
         elif seq.incremental:
             self._send(seq, text[: len(text) - _held_back(text, seq.params.stop)])
+
+    def _text(self, seq: _Sequence, eos: bool, final: bool) -> str:
+        """The text of the generated tokens, but an ending one: followed token by token where the sequence
+        needs it at every step (streamed, or with stop strings) and the tokenizer can, else decoded whole. The
+        last text is decoded whole, so that it has the replacement characters of an unfinished UTF-8 character
+        that the token-by-token text withholds."""
+        followed = seq.incremental or seq.params.stop
+        if self._backend is None or not followed or final:
+            return self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
+        if seq.detokenizer is None:
+            seq.detokenizer = DecodeStream(skip_special_tokens=True)
+        if not eos:
+            seq.text += seq.detokenizer.step(self._backend, seq.generated[-1]) or ""
+        return seq.text
 
     def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:
         if (seq.incremental or final) and len(text) > seq.emitted_chars:
