@@ -31,18 +31,17 @@ from typing import Any
 
 import httpx
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 from transformers import __version__ as transformers_version
 
 from ..convert.mixtral import write_mixtral
 from ..model import StarMoeConfig
-from ..model.loading import resolve_dtype, share_checkpoint
+from ..model.loading import resolve_dtype
 from .clients import stream_load
 from .report import free_port, write_report
 from .roofline import measure_roofline, roofline_share
 from .server import BenchServer
-from .serving import bench_prompts, random_weights
+from .serving import bench_prompts, linear_router, random_weights
 
 VLLM_ENV = Path(".peers/vllm")
 TRANSFORMERS = "transformers continuous batching"
@@ -61,21 +60,6 @@ class PeersBenchConfig:
     context: int = 512
     vllm_env: Path = VLLM_ENV
     dtype: str = "float32"  # every server's and the roofline's: float32 or bfloat16
-
-
-def linear_router(star_dir: Path, out: Path) -> Path:
-    """`star_dir`'s checkpoint with its router's linear half only (`router_type="linear"`)."""
-    config = StarMoeConfig.from_pretrained(str(star_dir))
-    config.router_type = "linear"
-    state = {k: v for k, v in load_file(str(star_dir / "model.safetensors")).items() if ".star_gate." not in k}
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out))
-    save_file(state, str(out / "model.safetensors"), {"format": "pt"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (star_dir / name).exists():
-            (out / name).write_bytes((star_dir / name).read_bytes())
-    share_checkpoint(out)
-    return out
 
 
 @contextlib.contextmanager

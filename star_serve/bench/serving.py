@@ -4,7 +4,9 @@ In one run, on one machine and model, on the same requests (greedy, fixed length
 - the server (a real uvicorn process) with 1, 8 and 32 concurrent clients;
 - transformers' `model.generate` answering the requests one at a time;
 - `model.generate` on one left-padded static batch of all requests;
-- the engine with every sequence of a distinct tenant (own bases in the bank) against one tenant.
+- the engine with every sequence of a distinct tenant (own bases in the bank) against one tenant, and against
+  the same weights with the linear router only (`router_type="linear"`, as Mixtral routes): the price of STAR
+  routing and of per-tenant bases together, the three engines' runs taking turns.
 Each figure is the median of `repeats` runs; ratios are of medians. With `shape` (a preset, such as
 `star-182m`), the model is one of that shape with random weights, and the given model's tokenizer. The
 machine's roofline (`roofline.py`) is measured in the same run, and each configuration's share of it given.
@@ -25,6 +27,7 @@ from typing import Any
 
 import httpx
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..adaptation import TenantBank
 from ..engine import EngineConfig, GenerationEngine, SamplingParams
@@ -117,8 +120,11 @@ def _run_clients(url: str, prompts: list[str], max_tokens: int, concurrency: int
 # -- tenants ------------------------------------------------------------------------------------------
 
 
-def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig) -> dict:
-    """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant vs each its own bases."""
+def _engine_tenants(
+    model: StarMoeForCausalLM, linear: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig
+) -> dict:
+    """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant, each its own bases, and all
+    of one tenant on `linear` (the same weights routed by the linear gate alone), one run of each in turn."""
     trained = model.trained_bases()
     bank = TenantBank(trained, model.device, model.dtype, capacity=cfg.tenants, fold=model.router_gates)
     generator = torch.Generator().manual_seed(0)
@@ -128,25 +134,49 @@ def _engine_tenants(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str
         bank.publish(f"tenant-{t}", noisy / noisy.norm(dim=-1, keepdim=True), version=1)
     # No prefix cache: the repeats send the same prompts, and the tenants' bases would decide what it serves.
     config = EngineConfig(max_running=cfg.tenants, max_waiting=0, prefix_blocks=0)
-    engine = GenerationEngine(model, tokenizer, bank, config)
-    engine.start()
+    star = GenerationEngine(model, tokenizer, bank, config)
+    plain = TenantBank(None, linear.device, linear.dtype, fold=linear.router_gates)  # a linear router has no bases
+    mixtral_like = GenerationEngine(linear, tokenizer, plain, config)
     ids = [tokenizer(p)["input_ids"] for p in (prompts * (cfg.tenants // len(prompts) + 1))[: cfg.tenants]]
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
 
-    def run(tenant_of: Callable[[int], str]) -> int:
+    def rate(engine: GenerationEngine, tenant_of: Callable[[int], str]) -> float:
         async def go() -> int:
             streams = engine.submit([SequenceRequest(x, params, tenant_of(i)) for i, x in enumerate(ids)])
             finals = [[o async for o in s][-1] for s in streams]
             return sum(f.completion_tokens for f in finals)
 
-        return asyncio.run(go())
+        started = time.perf_counter()
+        tokens = asyncio.run(go())
+        return tokens / (time.perf_counter() - started)
 
+    runs: dict[str, list[float]] = {"single_tenant": [], "distinct_tenants": [], "linear_single_tenant": []}
+    for engine in (star, mixtral_like):
+        engine.start()
     try:
-        one = _median_rate(lambda: run(lambda i: "tenant-0"), cfg.repeats)
-        many = _median_rate(lambda: run(lambda i: f"tenant-{i}"), cfg.repeats)
+        for _ in range(cfg.repeats):  # in turn, so that a slower spell of the machine does not fall on one alone
+            runs["single_tenant"].append(rate(star, lambda i: "tenant-0"))
+            runs["distinct_tenants"].append(rate(star, lambda i: f"tenant-{i}"))
+            runs["linear_single_tenant"].append(rate(mixtral_like, lambda i: "tenant-0"))
     finally:
-        engine.stop()
-    return {"single_tenant": one, "distinct_tenants": many}
+        for engine in (star, mixtral_like):
+            engine.stop()
+    return {name: {"median_tokens_per_s": statistics.median(r), "runs": r} for name, r in runs.items()}
+
+
+def linear_router(star_dir: Path, out: Path) -> Path:
+    """`star_dir`'s checkpoint with its router's linear half only (`router_type="linear"`)."""
+    config = StarMoeConfig.from_pretrained(str(star_dir))
+    config.router_type = "linear"
+    state = {k: v for k, v in load_file(str(star_dir / "model.safetensors")).items() if ".star_gate." not in k}
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(state, str(out / "model.safetensors"), {"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (star_dir / name).exists():
+            (out / name).write_bytes((star_dir / name).read_bytes())
+    share_checkpoint(out)
+    return out
 
 
 def random_weights(shape: str, tokenizer_dir: Path, out: Path) -> Path:
@@ -171,14 +201,15 @@ def random_weights(shape: str, tokenizer_dir: Path, out: Path) -> Path:
 
 
 def run_serving_bench(cfg: ServingBenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    if cfg.shape is None:
-        return _run(cfg, cfg.model_dir, log)
-    with tempfile.TemporaryDirectory(prefix=f"star-bench-{cfg.shape}-") as tmp:
-        log(f"a {cfg.shape} model with random weights")
-        return _run(cfg, random_weights(cfg.shape, cfg.model_dir, Path(tmp)), log)
+    with tempfile.TemporaryDirectory(prefix="star-bench-") as tmp:
+        model_dir = cfg.model_dir
+        if cfg.shape is not None:
+            log(f"a {cfg.shape} model with random weights")
+            model_dir = random_weights(cfg.shape, cfg.model_dir, Path(tmp) / "star")
+        return _run(cfg, model_dir, linear_router(model_dir, Path(tmp) / "linear"), log)
 
 
-def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+def _run(cfg: ServingBenchConfig, model_dir: Path, linear_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     torch.manual_seed(0)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -220,8 +251,12 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -
             results["server"][str(concurrency)] = _median_rate(run, cfg.repeats)
     finally:
         server.close()
-    log(f"engine, {cfg.tenants} sequences in flight: one tenant vs {cfg.tenants} tenants")
-    results["tenants"] = _engine_tenants(model, tokenizer, prompts, cfg)
+    log(f"engine, {cfg.tenants} sequences in flight: one tenant, {cfg.tenants} tenants, the linear router")
+    linear, _ = load_model(linear_dir, "generate", device, dtype)
+    assert isinstance(linear, StarMoeForCausalLM)
+    for served in (model, linear):  # as the server holds them (STAR_CPU_PACKED_WEIGHTS)
+        served.pack_for_cpu()
+    results["tenants"] = _engine_tenants(model, linear, tokenizer, prompts, cfg)
 
     # Each configuration's share of the roofline, as decode steps at its batch over an average context.
     context = round(statistics.mean(len(tokenizer(p)["input_ids"]) for p in prompts) + cfg.max_tokens / 2)
@@ -231,6 +266,7 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -
         **{f"server_{c}": (results["server"][str(c)], min(c, cfg.requests)) for c in cfg.concurrency},
         "single_tenant": (results["tenants"]["single_tenant"], cfg.tenants),
         "distinct_tenants": (results["tenants"]["distinct_tenants"], cfg.tenants),
+        "linear_single_tenant": (results["tenants"]["linear_single_tenant"], cfg.tenants),
     }
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     for run, batch in batches.values():
@@ -244,6 +280,8 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, log: Callable[[str], None]) -
         "server_vs_static_batch": top / results["hf_static_batch"]["median_tokens_per_s"],
         "distinct_vs_single_tenant": results["tenants"]["distinct_tenants"]["median_tokens_per_s"]
         / results["tenants"]["single_tenant"]["median_tokens_per_s"],
+        "distinct_vs_linear_router": results["tenants"]["distinct_tenants"]["median_tokens_per_s"]
+        / results["tenants"]["linear_single_tenant"]["median_tokens_per_s"],
     }
     write_report(cfg.out_dir, "serving", results, _table(results, cfg), _plot(results, cfg))
     return results
@@ -257,6 +295,7 @@ def _table(results: dict[str, Any], cfg: ServingBenchConfig) -> str:
         *[(f"star-serve, {c} concurrent clients", results["server"][str(c)]) for c in cfg.concurrency],
         (f"engine, {cfg.tenants} sequences of one tenant", results["tenants"]["single_tenant"]),
         (f"engine, {cfg.tenants} sequences of {cfg.tenants} tenants", results["tenants"]["distinct_tenants"]),
+        (f"engine, {cfg.tenants} sequences, linear router", results["tenants"]["linear_single_tenant"]),
     ]
     lines = ["| configuration | tokens/s (median) | vs one at a time | share of the roofline |", "|---|---:|---:|---:|"]
     lines += [
@@ -269,7 +308,8 @@ def _table(results: dict[str, Any], cfg: ServingBenchConfig) -> str:
         "",
         f"Server at {max(cfg.concurrency)} clients: **{ratios['server_vs_one_at_a_time']:.2f}x** one at a time, "
         f"**{ratios['server_vs_static_batch']:.2f}x** the static batch; {cfg.tenants} distinct tenants: "
-        f"**{ratios['distinct_vs_single_tenant']:.2f}x** one tenant. {cfg.requests} requests of {cfg.max_tokens} "
+        f"**{ratios['distinct_vs_single_tenant']:.2f}x** one tenant and **{ratios['distinct_vs_linear_router']:.2f}x** "
+        f"the linear router's one tenant. {cfg.requests} requests of {cfg.max_tokens} "
         f"tokens, greedy, median of {cfg.repeats} runs. Model: {cfg.shape or 'as given'}, "
         f"{results['parameters'] / 1e6:.1f}M parameters, {results['machine']['dtype']} on "
         f"{results['machine']['device']} ({results['machine']['cpus']} CPUs). Roofline measured in the same run: "

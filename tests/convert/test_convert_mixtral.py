@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import MixtralForCausalLM
 
-from star_serve.bench.peers import linear_router
+from star_serve.bench.serving import linear_router
 from star_serve.convert.mixtral import write_mixtral
 from star_serve.model import StarMoeForCausalLM
 from star_serve.training.presets import tiny_config
