@@ -197,8 +197,29 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
                 row["roofline_share"] = roofline_share(
                     roofline, config, batch, context, dtype.itemsize, row["tokens_per_s"]
                 )
-    write_report(cfg.out_dir, "peers", results, _table(results, cfg), None)
+    write_report(cfg.out_dir, "peers", results, _table(results, cfg), plot(results, cfg.shape or cfg.model.name))
     return results
+
+
+def plot(results: dict[str, Any], model: str) -> Callable[[Any], None]:
+    """Tokens/s against clients, a line per server; `results` as `run_peers_bench` returns them."""
+
+    def draw(ax: Any) -> None:
+        for name, rows in results["servers"].items():
+            if "skipped" in rows:
+                continue
+            clients = sorted(rows, key=int)
+            label = "vLLM (Mixtral)" if name == "vllm" else name
+            ax.plot([int(c) for c in clients], [rows[c]["tokens_per_s"] for c in clients], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({int(c) for rows in results["servers"].values() if "skipped" not in rows for c in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel("generated tokens/s (median)")
+        ax.set_title(f"{model}, same weights, {results['config']['dtype']}")
+        ax.legend(fontsize="small")
+
+    return draw
 
 
 def _table(results: dict[str, Any], cfg: PeersBenchConfig) -> str:
