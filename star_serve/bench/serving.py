@@ -4,6 +4,8 @@ In one run, on one machine and model, on the same requests (greedy, fixed length
 - the server (a real uvicorn process) with 1, 8 and 32 concurrent clients;
 - transformers' `model.generate` answering the requests one at a time;
 - `model.generate` on one left-padded static batch of all requests;
+- decode steps alone: the engine with every request running, prefills done, its steps timed one by one in
+  this thread (no HTTP, no scheduling waits): what a decode step at that batch costs the model;
 - the engine with every sequence of a distinct tenant (own bases in the bank) against one tenant, and against
   the same weights with the linear router only (`router_type="linear"`, as Mixtral routes): the price of STAR
   routing and of per-tenant bases together, the three engines' runs taking turns.
@@ -164,6 +166,30 @@ def _engine_tenants(
     return {name: {"median_tokens_per_s": statistics.median(r), "runs": r} for name, r in runs.items()}
 
 
+def _decode_steps(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig) -> dict:
+    """Tokens/s of decode steps alone, with all `cfg.requests` sequences running: each of `cfg.max_tokens // 2`
+    steps timed on its own once every prefill is done, and the batch over the median step."""
+    trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
+    bank = TenantBank(trained, model.device, model.dtype, fold=model.router_gates)
+    engine = GenerationEngine(model, tokenizer, bank, EngineConfig(max_running=cfg.requests, prefix_blocks=0))
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
+    steps = cfg.max_tokens // 2  # no sequence finishes while they are timed
+
+    async def run() -> list[float]:
+        engine.submit([SequenceRequest(tokenizer(p)["input_ids"], params, "bench") for p in prompts])
+        while engine.stats().waiting:
+            engine.step()  # prefills, the earlier newcomers decoding meanwhile
+        seconds = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            engine.step()
+            seconds.append(time.perf_counter() - started)
+        return seconds
+
+    seconds = asyncio.run(run())
+    return {"median_tokens_per_s": len(prompts) / statistics.median(seconds), "step_ms": [1e3 * t for t in seconds]}
+
+
 def linear_router(star_dir: Path, out: Path) -> Path:
     """`star_dir`'s checkpoint with its router's linear half only (`router_type="linear"`)."""
     config = StarMoeConfig.from_pretrained(str(star_dir))
@@ -251,11 +277,13 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, linear_dir: Path, log: Callab
             results["server"][str(concurrency)] = _median_rate(run, cfg.repeats)
     finally:
         server.close()
+    model.pack_for_cpu()  # the engine's figures: the model as the server holds it (STAR_CPU_PACKED_WEIGHTS)
+    log(f"engine, decode steps alone at batch {cfg.requests}")
+    results["decode_steps"] = _decode_steps(model, tokenizer, prompts, cfg)
     log(f"engine, {cfg.tenants} sequences in flight: one tenant, {cfg.tenants} tenants, the linear router")
     linear, _ = load_model(linear_dir, "generate", device, dtype)
     assert isinstance(linear, StarMoeForCausalLM)
-    for served in (model, linear):  # as the server holds them (STAR_CPU_PACKED_WEIGHTS)
-        served.pack_for_cpu()
+    linear.pack_for_cpu()
     results["tenants"] = _engine_tenants(model, linear, tokenizer, prompts, cfg)
 
     # Each configuration's share of the roofline, as decode steps at its batch over an average context.
@@ -264,6 +292,7 @@ def _run(cfg: ServingBenchConfig, model_dir: Path, linear_dir: Path, log: Callab
         "hf_one_at_a_time": (results["hf_one_at_a_time"], 1),
         "hf_static_batch": (results["hf_static_batch"], cfg.requests),
         **{f"server_{c}": (results["server"][str(c)], min(c, cfg.requests)) for c in cfg.concurrency},
+        "decode_steps": (results["decode_steps"], cfg.requests),
         "single_tenant": (results["tenants"]["single_tenant"], cfg.tenants),
         "distinct_tenants": (results["tenants"]["distinct_tenants"], cfg.tenants),
         "linear_single_tenant": (results["tenants"]["linear_single_tenant"], cfg.tenants),
@@ -293,6 +322,7 @@ def _table(results: dict[str, Any], cfg: ServingBenchConfig) -> str:
         ("transformers `generate`, one at a time", results["hf_one_at_a_time"]),
         (f"transformers `generate`, static batch of {cfg.requests}", results["hf_static_batch"]),
         *[(f"star-serve, {c} concurrent clients", results["server"][str(c)]) for c in cfg.concurrency],
+        (f"engine, decode steps alone at batch {cfg.requests}", results["decode_steps"]),
         (f"engine, {cfg.tenants} sequences of one tenant", results["tenants"]["single_tenant"]),
         (f"engine, {cfg.tenants} sequences of {cfg.tenants} tenants", results["tenants"]["distinct_tenants"]),
         (f"engine, {cfg.tenants} sequences, linear router", results["tenants"]["linear_single_tenant"]),

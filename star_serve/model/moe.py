@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration import StarMoeConfig
-from .packing import pack, packable, packed_linear
+from .packing import pack, packable, packed_linear, uses_packed
 from .router import StarMoeRouter
 
 
@@ -35,7 +35,7 @@ class StarMoeExperts(nn.Module):
         return True
 
     def _expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and not torch.is_grad_enabled():
+        if self._packed is not None and uses_packed(rows):
             gate_up, down = self._packed[e]
             gate, up = packed_linear(rows, gate_up).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, down)

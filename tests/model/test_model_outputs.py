@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from star_serve.model.packing import PackedLinear
+from star_serve.model.packing import PackedLinear, uses_packed
 
 B, S, E, L = 2, 6, 4, 2
 
@@ -123,9 +123,10 @@ def test_weights_packed_for_the_cpu_compute_what_the_weights_compute(make_model:
     ids = torch.randint(0, model.config.vocab_size, (3, 11))
     names = set(model.state_dict())
     with torch.no_grad():
-        plain = model(input_ids=ids).logits
+        plain, plain_one = model(input_ids=ids).logits, model(input_ids=ids[:1, :1]).logits
         assert model.pack_for_cpu()
-        packed = model(input_ids=ids).logits
+        packed, packed_one = model(input_ids=ids).logits, model(input_ids=ids[:1, :1]).logits
+    assert torch.allclose(packed_one, plain_one, atol=1e-5)  # one row: through the weights themselves
     attention = model.base_model.decoder_layers()[0].self_attn
     assert isinstance(model.lm_head, PackedLinear) and isinstance(attention.q_proj, PackedLinear)
     assert set(model.state_dict()) == names  # checkpoints read and write the same names
@@ -135,6 +136,13 @@ def test_weights_packed_for_the_cpu_compute_what_the_weights_compute(make_model:
     experts = model.base_model.decoder_layers()[0].mlp.experts
     assert experts.gate_up_proj.grad is not None and experts.gate_up_proj.grad.abs().sum() > 0
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_the_packed_copy_multiplies_more_than_one_row_and_only_without_gradients() -> None:
+    with torch.no_grad():
+        assert uses_packed(torch.zeros(2, 8)) and uses_packed(torch.zeros(1, 2, 8))
+        assert not uses_packed(torch.zeros(1, 1, 8))  # one row: MKL's matrix-vector product reads the weight faster
+    assert not uses_packed(torch.zeros(4, 8))  # training multiplies by the weights, whose gradients it needs
 
 
 def test_weights_are_packed_only_on_the_cpu_in_float32_and_where_it_pays(make_model: Callable[..., Any]) -> None:
