@@ -488,8 +488,7 @@ class GenerationEngine:
             return self.tokenizer.decode(seq.generated[:-1] if eos else seq.generated, skip_special_tokens=True)
         if seq.detokenizer is None:
             seq.detokenizer = DecodeStream(skip_special_tokens=True)
-        if not eos:
-            seq.text += seq.detokenizer.step(self._backend, seq.generated[-1]) or ""
+        seq.text += seq.detokenizer.step(self._backend, seq.generated[-1]) or ""  # not an ending token: final
         return seq.text
 
     def _send(self, seq: _Sequence, text: str, final: bool = False) -> None:

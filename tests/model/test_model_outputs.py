@@ -142,6 +142,7 @@ def test_the_packed_copy_multiplies_more_than_one_row_and_only_without_gradients
     with torch.no_grad():
         assert uses_packed(torch.zeros(2, 8)) and uses_packed(torch.zeros(1, 2, 8))
         assert not uses_packed(torch.zeros(1, 1, 8))  # one row: MKL's matrix-vector product reads the weight faster
+        assert uses_packed(torch.zeros(1, 8, dtype=torch.bfloat16))  # but not in bfloat16
     assert not uses_packed(torch.zeros(4, 8))  # training multiplies by the weights, whose gradients it needs
 
 
