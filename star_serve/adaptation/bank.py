@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from ..model import Routing
+from ..model import Routing, StarMoePreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,14 @@ class TenantBank:
         # usually routes the same sequences as the one before (rows, gates generation, gathered).
         self._generation = 0
         self._gathered: tuple[list[int], int, torch.Tensor] | None = None
+
+    @classmethod
+    def serving(cls, model: StarMoePreTrainedModel, capacity: int = 256) -> TenantBank:
+        """The bank `model` is served with, on its device and in its dtype: its routers' trained bases (none for
+        a linear router), each version's gates folded by the model."""
+        subspace = model.config.router_type in ("star", "star_gha_only")
+        trained = model.trained_bases() if subspace else None
+        return cls(trained, model.device, model.dtype, capacity, fold=model.router_gates)
 
     def publish(self, tenant: str, bases: torch.Tensor | None, version: int) -> None:
         """Makes `bases` (L, E, D) the tenant's routing from the next forward on; None goes back to the

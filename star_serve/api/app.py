@@ -73,8 +73,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     model.align_linear_gates(settings.adaptation_align_linear_gate)
     if settings.cpu_packed_weights:
         model.pack_for_cpu()
-    trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
-    bank = TenantBank(trained, device, dtype, fold=model.router_gates)
+    bank = TenantBank.serving(model)
     adapter = open_adaptation(name, model, directory, bank, settings)
     if adapter is not None:
         adapter.on_commit = metrics.adaptation_lag.labels(name).observe

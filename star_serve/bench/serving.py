@@ -127,8 +127,8 @@ def _engine_tenants(
 ) -> dict:
     """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant, each its own bases, and all
     of one tenant on `linear` (the same weights routed by the linear gate alone), one run of each in turn."""
+    bank = TenantBank.serving(model, capacity=cfg.tenants)
     trained = model.trained_bases()
-    bank = TenantBank(trained, model.device, model.dtype, capacity=cfg.tenants, fold=model.router_gates)
     generator = torch.Generator().manual_seed(0)
     for t in range(cfg.tenants):
         noise = 0.05 * torch.randn(trained.shape, generator=generator)  # drawn on the CPU: same bases everywhere
@@ -137,8 +137,7 @@ def _engine_tenants(
     # No prefix cache: the repeats send the same prompts, and the tenants' bases would decide what it serves.
     config = EngineConfig(max_running=cfg.tenants, max_waiting=0, prefix_blocks=0)
     star = GenerationEngine(model, tokenizer, bank, config)
-    plain = TenantBank(None, linear.device, linear.dtype, fold=linear.router_gates)  # a linear router has no bases
-    mixtral_like = GenerationEngine(linear, tokenizer, plain, config)
+    mixtral_like = GenerationEngine(linear, tokenizer, TenantBank.serving(linear), config)
     ids = [tokenizer(p)["input_ids"] for p in (prompts * (cfg.tenants // len(prompts) + 1))[: cfg.tenants]]
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
 
@@ -169,9 +168,8 @@ def _engine_tenants(
 def _decode_steps(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig) -> dict:
     """Tokens/s of decode steps alone, with all `cfg.requests` sequences running: each of `cfg.max_tokens // 2`
     steps timed on its own once every prefill is done, and the batch over the median step."""
-    trained = model.trained_bases() if model.config.router_type in ("star", "star_gha_only") else None
-    bank = TenantBank(trained, model.device, model.dtype, fold=model.router_gates)
-    engine = GenerationEngine(model, tokenizer, bank, EngineConfig(max_running=cfg.requests, prefix_blocks=0))
+    config = EngineConfig(max_running=cfg.requests, prefix_blocks=0)
+    engine = GenerationEngine(model, tokenizer, TenantBank.serving(model), config)
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0, ignore_eos=True)
     steps = cfg.max_tokens // 2  # no sequence finishes while they are timed
 

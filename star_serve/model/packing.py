@@ -32,11 +32,11 @@ PACKED_MIN_ELEMENTS = 1 << 18
 def packable(weight: torch.Tensor) -> bool:
     """Whether packing `weight` (out, in) pays: on a CPU with oneDNN, PACKED_MIN_ELEMENTS or more, in float32,
     or in bfloat16 where the CPU multiplies it natively (AVX-512 BF16 or AMX)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available() or weight.numel() < PACKED_MIN_ELEMENTS:
         return False
     if weight.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and weight.numel() >= PACKED_MIN_ELEMENTS
-    return weight.dtype == torch.float32 and weight.numel() >= PACKED_MIN_ELEMENTS
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
