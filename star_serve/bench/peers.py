@@ -4,8 +4,9 @@ and against transformers' continuous batching.
 The model (the given checkpoint, or a preset's shape with random weights) is served three ways, one server
 at a time, each loaded with the same streamed requests (token-id prompts, greedy, `ignore_eos`) from 1, 8
 and 32 clients (`clients.py`), `repeats` times:
-- vLLM, with the checkpoint's linear gate and experts written as Mixtral (`convert/mixtral.py`), from the
-  environment `bench/peers/install-vllm` makes (left out, with the reason, where there is none);
+- vLLM, with the checkpoint written as Mixtral (`convert/mixtral.py`), its STAR gate folded into a linear one
+  that routes as the trained gate does (`serving.linear_router`), from the environment
+  `bench/peers/install-vllm` makes (left out, with the reason, where there is none);
 - star-serve with the same linear-router weights: the same work per token as vLLM;
 - star-serve with the checkpoint's own STAR router: the price of STAR routing;
 - transformers' own continuous batching (`generate_batch`) of the Mixtral checkpoint, in this process (no

@@ -7,8 +7,9 @@ In one run, on one machine and model, on the same requests (greedy, fixed length
 - decode steps alone: the engine with every request running, prefills done, its steps timed one by one in
   this thread (no HTTP, no scheduling waits): what a decode step at that batch costs the model;
 - the engine with every sequence of a distinct tenant (own bases in the bank) against one tenant, and against
-  the same weights with the linear router only (`router_type="linear"`, as Mixtral routes): the price of STAR
-  routing and of per-tenant bases together, the three engines' runs taking turns.
+  the same weights with a linear router (`router_type="linear"`, as Mixtral routes) that routes as the trained
+  STAR gate does (`linear_router`): the price of STAR routing and of per-tenant bases together, the three
+  engines' runs taking turns.
 Each figure is the median of `repeats` runs; ratios are of medians. With `shape` (a preset, such as
 `star-182m`), the model is one of that shape with random weights, and the given model's tokenizer. The
 machine's roofline (`roofline.py`) is measured in the same run, and each configuration's share of it given.
@@ -36,6 +37,7 @@ from ..engine import EngineConfig, GenerationEngine, SamplingParams
 from ..engine.generation import SequenceRequest
 from ..model import StarMoeConfig, StarMoeForCausalLM
 from ..model.loading import load_model, resolve_device, resolve_dtype, share_checkpoint
+from ..model.router import StarMoeRouter
 from ..training.presets import get_preset
 from .report import write_report
 from .roofline import measure_roofline, roofline_share
@@ -126,7 +128,7 @@ def _engine_tenants(
     model: StarMoeForCausalLM, linear: StarMoeForCausalLM, tokenizer: Any, prompts: list[str], cfg: ServingBenchConfig
 ) -> dict:
     """Engine throughput with `cfg.tenants` sequences in flight: all of one tenant, each its own bases, and all
-    of one tenant on `linear` (the same weights routed by the linear gate alone), one run of each in turn."""
+    of one tenant on `linear` (the same weights and routing, through a linear gate), one run of each in turn."""
     bank = TenantBank.serving(model, capacity=cfg.tenants)
     trained = model.trained_bases()
     generator = torch.Generator().manual_seed(0)
@@ -189,10 +191,18 @@ def _decode_steps(model: StarMoeForCausalLM, tokenizer: Any, prompts: list[str],
 
 
 def linear_router(star_dir: Path, out: Path) -> Path:
-    """`star_dir`'s checkpoint with its router's linear half only (`router_type="linear"`)."""
+    """`star_dir`'s checkpoint with a linear router (`router_type="linear"`, as Mixtral routes) that routes as
+    its STAR router does with the trained bases: each layer's gate folded into one matrix (`StarMoeRouter.gate`)
+    is the linear weight. Dropping the subspace half instead would change which experts the tokens go to, and
+    with them the work of a step (a trained gate's linear half alone can crowd the tokens into a few experts)."""
+    model = StarMoeForCausalLM.from_pretrained(str(star_dir), dtype=torch.float32)
+    state = {k: v for k, v in load_file(str(star_dir / "model.safetensors")).items() if ".star_gate." not in k}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, StarMoeRouter) and module.uses_subspace:
+                state[f"{name}.weight"] = module.gate().contiguous()
     config = StarMoeConfig.from_pretrained(str(star_dir))
     config.router_type = "linear"
-    state = {k: v for k, v in load_file(str(star_dir / "model.safetensors")).items() if ".star_gate." not in k}
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     save_file(state, str(out / "model.safetensors"), {"format": "pt"})

@@ -60,17 +60,27 @@ def test_top1_routing_is_the_same_choice_weighed_differently(tmp_path: Path) -> 
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_the_linear_router_copy_keeps_the_gate_and_experts_and_drops_the_subspace(tmp_path: Path) -> None:
+def test_the_linear_router_copy_routes_as_the_star_gate_with_the_trained_bases(tmp_path: Path) -> None:
     star = _star(tmp_path, router_type="star")
     linear = linear_router(star, tmp_path / "linear")
-    original = StarMoeForCausalLM.from_pretrained(star)
-    copy = StarMoeForCausalLM.from_pretrained(linear)
+    original = StarMoeForCausalLM.from_pretrained(star).eval()
+    copy = StarMoeForCausalLM.from_pretrained(linear).eval()
     assert copy.config.router_type == "linear"
     theirs = dict(copy.state_dict())
     assert not [k for k in theirs if "star_gate" in k]
     for name, tensor in original.state_dict().items():
-        if "star_gate" not in name:
+        if "star_gate" not in name and not name.endswith("router.weight"):
             assert torch.equal(theirs[name], tensor), name
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, folded = original(ids, output_router_logits=True), copy(ids, output_router_logits=True)
+    # the linear half alone routes otherwise: the folded gate is what keeps the experts' work the same
+    assert not torch.equal(
+        theirs["model.layers.0.mlp.router.weight"], original.state_dict()["model.layers.0.mlp.router.weight"]
+    )
+    for star_logits, linear_logits in zip(ours.router_logits, folded.router_logits, strict=True):
+        torch.testing.assert_close(linear_logits, star_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded.logits, ours.logits, atol=1e-5, rtol=1e-5)
 
 
 def test_transformers_continuous_batching_generates_every_token_of_the_written_checkpoint(tmp_path: Path) -> None:
