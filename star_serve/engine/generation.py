@@ -1,8 +1,8 @@
 """Continuous batching for generation.
 
 One engine thread owns the model. At every iteration it drops finished, cancelled and timed-out
-sequences, admits waiting ones into free KV-cache slots (their prefills batched in one forward), and runs
-one decode forward over every running sequence, whatever its tenant: each sequence routes with its own
+sequences, admits waiting ones into free KV-cache slots, and runs one forward over the newcomers' prompts and
+every running sequence's next token together, whatever their tenants: each sequence routes with its own
 tenant's bases through the tenant bank. Callers `submit` sequences and read each one's `GenerationStream`.
 """
 
@@ -27,7 +27,8 @@ from ..adaptation.live import LiveQuality
 from ..adaptation.observer import ForwardSink
 from ..model import StarMoeForCausalLM
 from ..model.inputs import pad_right
-from .kv_cache import SlotKVCache
+from ..model.modeling import Batch, StarMoeModelOutput
+from .kv_cache import SlotBinding, SlotKVCache
 from .live import PrefillMeter
 from .load import ExpertLoad
 from .prefix_cache import TRAINED_BASES, PrefixCache
@@ -129,6 +130,21 @@ class GenerationStream:
         if self.sequence is not None and not self.finished:
             self.sequence.cancelled = True
             self._engine.wake()
+
+
+@dataclass
+class _Pass:
+    """One batch of a step's forward: the newcomers' prefills, or the running sequences' next tokens."""
+
+    batch: list[_Sequence]
+    prefill: bool
+    plan: RoutingPlan
+    ids: torch.Tensor  # (B, S), right-padded
+    starts: torch.Tensor  # (B,) the first new position of each
+    last: torch.Tensor  # (B,) the index of each one's last real token in `ids`
+    real: torch.Tensor  # (B, S) bool
+    lengths: list[int]  # real tokens of each
+    binding: SlotBinding
 
 
 class GenerationEngine:
@@ -293,10 +309,15 @@ class GenerationEngine:
         # In slot order, so that attention reads a run of consecutive slots in place (`SlotKVCache`).
         decoding = sorted(self._running, key=lambda s: s.slot)
         newcomers = sorted(self._admit(), key=lambda s: s.slot)
-        if newcomers:
-            self._forward(newcomers, prefill=True)
+        passes = [self._prepare(newcomers, prefill=True)] if newcomers else []
         if decoding:
-            self._forward(decoding, prefill=False)
+            passes.append(self._prepare(decoding, prefill=False))
+        if len(passes) > 1 and passes[0].plan.routing.update is not None:
+            # sync adaptation: the prefills' forward moves the bases that the decodes then route with
+            for one in passes:
+                self._forward([one])
+        elif passes:
+            self._forward(passes)
 
     def _drop_abandoned(self) -> None:
         """Ends queued sequences that were cancelled or expired, so they stop holding queue places."""
@@ -322,7 +343,9 @@ class GenerationEngine:
         self._running.extend(admitted)
         return admitted
 
-    def _forward(self, batch: list[_Sequence], prefill: bool) -> None:
+    def _prepare(self, batch: list[_Sequence], prefill: bool) -> _Pass:
+        """A batch's inputs to the step's forward: newcomers' prompts (less what the prefix cache holds), or
+        each running sequence's newest token."""
         tenants = [s.tenant for s in batch]
         plan = self.routing.plan(tenants, [len(s.prompt_ids) if prefill else 1 for s in batch])
         if prefill:
@@ -341,35 +364,48 @@ class GenerationEngine:
             last = torch.zeros(len(batch), dtype=torch.long)
             real = torch.ones(len(batch), 1, dtype=torch.bool)
             lengths = [1] * len(batch)
-        slots = torch.tensor([s.slot for s in batch])
-        positions, mask = self.cache.bind(slots, starts, ids.shape[1])
-        out = self.backbone(
-            input_ids=ids.to(self.device),
-            position_ids=positions,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            output_routing=True,  # the routers' choices are made anyway: returning them is free
-            routing=plan.routing,
+        binding = self.cache.binding(torch.tensor([s.slot for s in batch]), starts, ids.shape[1])
+        return _Pass(batch, prefill, plan, ids, starts, last, real, lengths, binding)
+
+    def _forward(self, passes: list[_Pass]) -> None:
+        """One forward of the model over every pass, then each pass's tokens sampled. A step's prefills and
+        decodes share it: at a small model's size a forward costs its operations' dispatch, at a large one its
+        reads of the weights, whatever its number of tokens."""
+        outs = self.backbone.forward_batches(
+            [
+                Batch(p.ids.to(self.device), p.binding.positions, p.binding.mask, p.binding, p.plan.routing)
+                for p in passes
+            ]
         )
+        last = [
+            out.last_hidden_state[torch.arange(len(p.batch), device=self.device), p.last.to(self.device)]
+            for p, out in zip(passes, outs, strict=True)
+        ]  # (B, D) each: the last positions only go through the LM head
+        logits = self.lm_head(last[0] if len(last) == 1 else torch.cat(last)).split([len(p.batch) for p in passes])
+        for p, out, next_logits in zip(passes, outs, logits, strict=True):
+            self._consume(p, out, next_logits)
+
+    def _consume(self, p: _Pass, out: StarMoeModelOutput, next_logits: torch.Tensor) -> None:
+        """What a pass's forward feeds besides its next tokens, then those tokens."""
+        batch, prefill = p.batch, p.prefill
+        hidden, experts = out.last_hidden_state, out.expert_indices
+        assert hidden is not None and experts is not None
         if self.on_step is not None:
             phase = "prefill" if prefill else "decode"
-            self.on_step(StepStats(phase, len(batch), int(ids.numel())))
-        rows = torch.arange(len(batch), device=self.device)
-        next_logits = self.lm_head(out.last_hidden_state[rows, last.to(self.device)])  # (B, V): last positions only
-        self.expert_load.add(out.expert_indices, real)
+            self.on_step(StepStats(phase, len(batch), int(p.ids.numel())))
+        self.expert_load.add(experts, p.real)
         if any(s.return_routing for s in batch):
-            self._count_routing(batch, out.expert_indices, lengths)
+            self._count_routing(batch, experts, p.lengths)
         if self._sink is not None:
-            self._sink.submit(tenants, lengths, plan, out, ids)
+            self._sink.submit([s.tenant for s in batch], p.lengths, p.plan, out, p.ids)
         if prefill and self.prefixes is not None:
             for seq in batch:
                 self.prefixes.store(seq.prefix_digests, self.cache, seq.slot)
         if prefill and self._meter is not None:
-            whole = [c == 0 for c in starts.tolist()]  # a prompt's loss is measured from its first token
-            self._meter(tenants, plan.versions, ids, real, out.last_hidden_state, whole)
+            whole = [c == 0 for c in p.starts.tolist()]  # a prompt's loss is measured from its first token
+            self._meter([s.tenant for s in batch], p.plan.versions, p.ids, p.real, hidden, whole)
         if prefill and any(s.params.prompt_logprobs is not None for s in batch):
-            self._score_prompts(batch, out.last_hidden_state)
+            self._score_prompts(batch, hidden)
         scored = [s for s in batch if s.params.max_tokens == 0]  # prompt scoring only: nothing to generate
         for seq in scored:
             self._finish(seq, "length")

@@ -26,41 +26,60 @@ class SlotKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.max_slots, self.max_len = max_slots, max_len
         self.device = device
-        self._slots = torch.zeros(0, dtype=torch.long, device=device)
-        self._rows = torch.zeros(0, dtype=torch.long, device=device)
-        self._run: slice | None = None  # the forward's slots, where they are consecutive and in order
-        self._span = 0
+        self._bound: SlotBinding | None = None
+
+    def binding(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> SlotBinding:
+        """The cache as one batch of a forward sees it: the sequences in `slots` (B,), whose new tokens start at
+        `starts` (B,). Batches of one forward bind disjoint slots, each with its own binding."""
+        return SlotBinding(self, slots, starts, query_len)
 
     def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepares a forward over `slots` (B,) whose new tokens start at `starts` (B,).
+        """Prepares a forward over `slots` (B,) whose new tokens start at `starts` (B,), with the cache itself
+        as the model's `cache`.
 
         Returns the position ids (B, S) and the attention mask (B, 1, S, K): a query sees the keys at and
         before its own position in its own slot.
         """
-        self._slots = slots.to(self.device)
+        self._bound = self.binding(slots, starts, query_len)
+        return self._bound.positions, self._bound.mask
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._bound is not None, "bind() first"
+        return self._bound.update(key, value, layer_idx)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._bound.span if self._bound is not None else 0
+
+
+class SlotBinding:
+    """One batch's view of a `SlotKVCache`, passed to the model as its `cache`: the positions and mask of its
+    new tokens, where they are written, and what its attention reads."""
+
+    def __init__(self, cache: SlotKVCache, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> None:
+        device = cache.device
+        self.cache, self.slots = cache, slots.to(device)
         first, count = int(slots[0]) if len(slots) else 0, len(slots)
         consecutive = bool(torch.equal(slots.cpu(), torch.arange(first, first + count)))
-        self._run = slice(first, first + count) if consecutive else None
-        positions = starts.to(self.device)[:, None] + torch.arange(query_len, device=self.device)  # (B, S)
-        self._span = int(positions.max()) + 1
-        if self._span > self.max_len:
-            raise ValueError(f"sequence of {self._span} tokens exceeds the cache length {self.max_len}")
-        self._rows = (self._slots[:, None] * self.max_len + positions).reshape(-1)  # (B*S,) in the flat view
-        keys = torch.arange(self._span, device=self.device)
-        mask = keys[None, None, :] <= positions[:, :, None]  # (B, S, K)
-        return positions, mask[:, None]
+        self.run = slice(first, first + count) if consecutive else None  # read in place where set
+        self.positions = starts.to(device)[:, None] + torch.arange(query_len, device=device)  # (B, S)
+        self.span = int(self.positions.max()) + 1
+        if self.span > cache.max_len:
+            raise ValueError(f"sequence of {self.span} tokens exceeds the cache length {cache.max_len}")
+        self.rows = (self.slots[:, None] * cache.max_len + self.positions).reshape(-1)  # (B*S,) in the flat view
+        keys = torch.arange(self.span, device=device)
+        self.mask = (keys[None, None, :] <= self.positions[:, :, None])[:, None]  # (B, 1, S, K)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes the new (B, H, S, hd) keys and values into their slots; returns each slot's (B, H, K, hd)."""
-        return self._write(self.keys[layer_idx], key), self._write(self.values[layer_idx], value)
+        return self._write(self.cache.keys[layer_idx], key), self._write(self.cache.values[layer_idx], value)
 
     def _write(self, cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         heads, head_dim = cache.shape[2:]
         flat = cache.view(-1, heads, head_dim)  # (slots * max_len, H, hd)
-        flat.index_copy_(0, self._rows, new.transpose(1, 2).reshape(-1, heads, head_dim).to(cache.dtype))
-        if self._run is not None:  # a view: no copy of the slots' keys and values
-            return cache[self._run, : self._span].transpose(1, 2)  # (B, H, K, hd)
-        return cache[:, : self._span].index_select(0, self._slots).transpose(1, 2)
+        flat.index_copy_(0, self.rows, new.transpose(1, 2).reshape(-1, heads, head_dim).to(cache.dtype))
+        if self.run is not None:  # a view: no copy of the slots' keys and values
+            return cache[self.run, : self.span].transpose(1, 2)  # (B, H, K, hd)
+        return cache[:, : self.span].index_select(0, self.slots).transpose(1, 2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._span
+        return self.span

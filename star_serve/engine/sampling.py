@@ -56,7 +56,9 @@ def sample(
     argmax: one request's extreme parameters must never fail the batch it shares.
     """
     logits = logits.float().cpu()
-    greedy = logits.argmax(dim=-1).tolist()
+    # numpy's argmax, not torch's: on the CPU torch's is not vectorised (3.1 ms against 0.27 ms for 32 rows of
+    # 51,200 logits); both return the first maximum, a NaN counting as one
+    greedy = logits.numpy().argmax(axis=-1).tolist()
     tokens: list[int] = []
     for i, (row, p, gen) in enumerate(zip(logits, params, generators, strict=True)):
         if p.temperature < MIN_TEMPERATURE:

@@ -10,7 +10,9 @@ the batch routes at every layer; the heads pass it through to the backbone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +113,40 @@ class StarMoeAttention(nn.Module):
         cache: Cache | None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads = self._attend(b, s, self.q_proj(x), self.k_proj(x), self.v_proj(x), rotary, mask, cache)
+        return self.o_proj(heads)
+
+    def forward_batches(
+        self,
+        x: torch.Tensor,  # (T, D): the tokens of every batch, batch after batch
+        batches: Sequence[tuple[int, int, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None, Cache | None]],
+    ) -> torch.Tensor:
+        """Attention over several batches at once, each (B, S, rotary, mask, cache) its own shape: the
+        projections multiply every token at once, and each batch attends over its own keys."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        out, start = [], 0
+        for b, s, rotary, mask, cache in batches:
+            end = start + b * s
+            heads = self._attend(b, s, q[start:end], k[start:end], v[start:end], rotary, mask, cache)
+            out.append(heads.reshape(b * s, -1))
+            start = end
+        return self.o_proj(out[0] if len(out) == 1 else torch.cat(out))
+
+    def _attend(
+        self,
+        b: int,
+        s: int,
+        q: torch.Tensor,  # (B, S, H*hd) or (B*S, H*hd)
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """The projected queries, keys and values of one batch to its heads' outputs (B, S, H*hd)."""
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rotary
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -126,7 +159,7 @@ class StarMoeAttention(nn.Module):
             is_causal=mask is None and s > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return out.transpose(1, 2).reshape(b, s, -1)
 
 
 class StarMoeDecoderLayer(nn.Module):
@@ -166,6 +199,17 @@ class StarMoeModelOutput(ModelOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None  # L x (B*S, E)
     router_inputs: tuple[torch.Tensor, ...] | None = None  # L x (B, S, D)
     expert_indices: tuple[torch.Tensor, ...] | None = None  # L x (B, S, k)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a `StarMoeModel.forward_batches` pass."""
+
+    input_ids: torch.Tensor  # (B, S)
+    position_ids: torch.Tensor  # (B, S)
+    mask: torch.Tensor  # (B, 1, S, K) bool: what each new token attends to
+    cache: Any  # where its keys and values go, and what its attention reads: `update(k, v, layer)`
+    routing: Routing = TRAINED
 
 
 @dataclass
@@ -332,6 +376,43 @@ class StarMoeModel(StarMoePreTrainedModel):
             router_inputs=tuple(all_inputs) if output_routing else None,
             expert_indices=tuple(all_experts) if output_routing else None,
         )
+
+    def forward_batches(self, batches: Sequence[Batch]) -> list[StarMoeModelOutput]:
+        """Several batches in one pass, as the engine runs a step's prefills beside its decodes: each batch
+        attends over its own cache binding and routes with its own `routing`, while the embedding, the norms,
+        the projections and the experts take every token at once, a product per weight for all. Each batch's
+        output is what `forward` gives it alone (with `output_routing`)."""
+        shapes = [tuple(batch.input_ids.shape) for batch in batches]
+        sizes = [b * s for b, s in shapes]
+        x = self.embed_tokens(torch.cat([batch.input_ids.reshape(-1) for batch in batches]))  # (T, D)
+        attention = [
+            (b, s, self.rotary_emb(batch.position_ids, x.dtype), batch.mask, batch.cache)
+            for (b, s), batch in zip(shapes, batches, strict=True)
+        ]
+        for batch in batches:
+            batch.routing.check(len(self.layers))
+        all_logits, all_inputs, all_experts = [], [], []
+        for i, layer in enumerate(self.decoder_layers()):
+            x = x + layer.self_attn.forward_batches(layer.input_layernorm(x), attention)
+            router_input = layer.post_attention_layernorm(x)
+            parts = [part.view(b, s, -1) for part, (b, s) in zip(router_input.split(sizes), shapes, strict=True)]
+            routes = [(part, *batch.routing.layer(i, part)) for part, batch in zip(parts, batches, strict=True)]
+            out, logits, experts = layer.mlp.forward_batches(router_input, routes)
+            x = x + out
+            all_logits.append(logits)
+            all_inputs.append(parts)
+            all_experts.append(experts)
+        hidden = self.norm(x).split(sizes)
+        return [
+            StarMoeModelOutput(
+                last_hidden_state=hidden[j].view(b, s, -1),
+                cache=batches[j].cache,
+                router_logits=tuple(layer[j] for layer in all_logits),
+                router_inputs=tuple(layer[j] for layer in all_inputs),
+                expert_indices=tuple(layer[j] for layer in all_experts),
+            )
+            for j, (b, s) in enumerate(shapes)
+        ]
 
     def load_balancing_loss(
         self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -92,8 +93,30 @@ class StarMoeSparseBlock(nn.Module):
         if self.training and self.router.router_type == "mpi":
             self.router.power_retract(self.experts.gate_up_proj)
         logits = self.router(x, bases=bases, token_mask=token_mask, gate=gate)  # (B, S, E)
+        out, indices = self._experts(x.reshape(-1, d), logits.reshape(b * s, -1))
+        return MoeOutput(out.reshape(b, s, d), logits.reshape(b * s, -1), indices.reshape(b, s, -1))
+
+    def forward_batches(
+        self,
+        x: torch.Tensor,  # (T, D): the tokens of every batch, batch after batch
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],  # (x (B, S, D), bases, gate)
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Several batches at once, each routed with its own bases or gate, every token through the experts
+        together. Returns the outputs (T, D), and each batch's router logits (B*S, E) and experts (B, S, k)."""
+        logits = [
+            self.router(part, bases=bases, gate=gate).reshape(-1, self.router.num_experts)
+            for part, bases, gate in batches
+        ]
+        out, indices = self._experts(x, logits[0] if len(logits) == 1 else torch.cat(logits))
+        sizes = [part.shape[0] * part.shape[1] for part, _, _ in batches]
+        chosen = [
+            i.reshape(part.shape[0], part.shape[1], -1)
+            for i, (part, _, _) in zip(indices.split(sizes), batches, strict=True)
+        ]
+        return out, logits, chosen
+
+    def _experts(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) tokens through their top-k experts by their router logits (N, E); the outputs and the experts."""
         probs = torch.softmax(logits.float(), dim=-1)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (B, S, k)
-        flat_x = x.reshape(-1, d)
-        out = self.experts(flat_x, indices.reshape(-1, self.top_k), weights.reshape(-1, self.top_k))
-        return MoeOutput(out.reshape(b, s, d), logits.reshape(b * s, -1), indices)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        return self.experts(x, indices, weights), indices

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from star_serve.engine.kv_cache import SlotKVCache
+from star_serve.model.modeling import Batch
+from star_serve.model.routing import TRAINED, Routing
 
 CPU = torch.device("cpu")
 
@@ -119,3 +121,46 @@ def test_exceeding_the_cache_length_raises(lm: Any) -> None:
         cache.bind(torch.tensor([0]), torch.tensor([7]), 2)
     with pytest.raises(ValueError, match="exceeds the cache length"):
         cache.bind(torch.tensor([1, 0]), torch.tensor([0, 8]), 1)
+
+
+@torch.no_grad()
+def test_a_prefill_and_decodes_in_one_forward_equal_each_batch_alone(lm: Any) -> None:
+    """`forward_batches`, as a step runs its prefills beside its decodes: each batch attends over its own
+    slots and routes with its own bases, and gives the hidden states, routing and keys that it gives alone."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = lm.config.vocab_size
+    seqs = [torch.randint(1, vocab, (7,), generator=gen) for _ in range(2)]
+    newcomer = torch.randint(1, vocab, (1, 5), generator=gen)
+    decoded = torch.stack([s[6:] for s in seqs])
+    bases = lm.trained_bases()
+    tenant = Routing.shared(bases + 0.3 * torch.randn(bases.shape, generator=gen))  # routes otherwise
+    together, alone = _cache(lm), _cache(lm)
+    for cache in (together, alone):
+        _forward(lm, cache, torch.stack([s[:6] for s in seqs]), [0, 1], [0, 0])
+
+    def by_itself(ids: torch.Tensor, slots: list[int], starts: list[int], routing: Routing) -> Any:
+        positions, mask = alone.bind(torch.tensor(slots), torch.tensor(starts), ids.shape[1])
+        kwargs = {"position_ids": positions, "attention_mask": mask, "cache": alone, "use_cache": True}
+        return lm.model(ids, routing=routing, output_routing=True, **kwargs)
+
+    prefill = together.binding(torch.tensor([3]), torch.tensor([0]), 5)
+    decode = together.binding(torch.tensor([0, 1]), torch.tensor([6, 6]), 1)
+    outs = lm.model.forward_batches(
+        [
+            Batch(newcomer, prefill.positions, prefill.mask, prefill),
+            Batch(decoded, decode.positions, decode.mask, decode, tenant),
+        ]
+    )
+    expected = [by_itself(newcomer, [3], [0], TRAINED), by_itself(decoded, [0, 1], [6, 6], tenant)]
+    for out, reference in zip(outs, expected, strict=True):
+        torch.testing.assert_close(out.last_hidden_state, reference.last_hidden_state, rtol=0, atol=1e-5)
+        for ours, theirs in zip(out.expert_indices, reference.expert_indices, strict=True):
+            assert torch.equal(ours, theirs)
+        for ours, theirs in zip(out.router_inputs, reference.router_inputs, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    for layer in range(lm.config.num_hidden_layers):
+        written = together.keys[layer][[0, 1, 3], :7], alone.keys[layer][[0, 1, 3], :7]
+        torch.testing.assert_close(*written, rtol=0, atol=1e-5)
+    # the tenant's bases did route the decodes: with the trained ones their experts differ
+    trained = by_itself(decoded, [0, 1], [6, 6], TRAINED)
+    assert any(not torch.equal(a, b) for a, b in zip(trained.expert_indices, outs[1].expert_indices, strict=True))
