@@ -284,7 +284,8 @@ class StarMoePreTrainedModel(PreTrainedModel):
     def pack_for_cpu(self) -> bool:
         """Keeps the weights that a decode step multiplies by few rows packed for a CPU where that pays
         (`packing.py`): every MoE layer's experts, the attention projections and the LM head. False where
-        none is (another device or dtype, or weights too small to gain)."""
+        none is (another device or dtype, or weights too small to gain; float32 experts too small to pack
+        are kept transposed instead, `StarMoeExperts.pack_for_cpu`)."""
         backbone = self.base_model
         assert isinstance(backbone, StarMoeModel)
         packed = [pack_linears(self, ("lm_head",))] if hasattr(self, "lm_head") else []

