@@ -3,7 +3,7 @@ and against transformers' continuous batching.
 
 The model (the given checkpoint, or a preset's shape with random weights) is served three ways, one server
 at a time, each loaded with the same streamed requests (token-id prompts, greedy, `ignore_eos`) from 1, 8
-and 32 clients (`clients.py`), `repeats` times:
+and 32 clients (`clients.py`), in `repeats` rounds that start each server afresh in turn:
 - vLLM, with the checkpoint written as Mixtral (`convert/mixtral.py`), its STAR gate folded into a linear one
   that routes as the trained gate does (`serving.linear_router`), from the environment
   `bench/peers/install-vllm` makes (left out, with the reason, where there is none);
@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,18 +117,34 @@ def star_server(model_dir: Path, dtype: str) -> Iterator[str]:
         server.close()
 
 
-def _measure(url: str, prompts: list[list[int]], cfg: PeersBenchConfig, log: Callable[[str], None]) -> dict:
-    results: dict[str, Any] = {}
-    for clients in cfg.clients:
-        asyncio.run(stream_load(url, "bench", prompts[:clients], cfg.max_tokens, clients))  # warm-up
-        runs = [asyncio.run(stream_load(url, "bench", prompts, cfg.max_tokens, clients)) for _ in range(cfg.repeats)]
-        results[str(clients)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"runs": runs}
-        row = results[str(clients)]
-        log(
-            f"  {clients} clients: {row['tokens_per_s']:.0f} tokens/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
-            f"TPOT p50 {row['tpot_p50_ms']:.1f} ms"
-        )
-    return results
+def _measure(
+    servers: dict[str, Callable[[], contextlib.AbstractContextManager[str]]],
+    prompts: list[list[int]],
+    cfg: PeersBenchConfig,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Each server's figures per number of clients: `cfg.repeats` rounds, each starting every server afresh in
+    turn, so that a slower spell of the machine, or a process that happens to run slower, falls on no server
+    alone; medians over the rounds."""
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {name: {} for name in servers}
+    for round_ in range(cfg.repeats):
+        for name, start in servers.items():
+            with start() as url:
+                for clients in cfg.clients:
+                    asyncio.run(stream_load(url, "bench", prompts[:clients], cfg.max_tokens, clients))  # warm-up
+                    run = asyncio.run(stream_load(url, "bench", prompts, cfg.max_tokens, clients))
+                    runs[name].setdefault(str(clients), []).append(run)
+                    log(
+                        f"  round {round_ + 1}, {name}, {clients} clients: {run['tokens_per_s']:.0f} tokens/s, "
+                        f"TTFT p50 {run['ttft_p50_ms']:.0f} ms, TPOT p50 {run['tpot_p50_ms']:.1f} ms"
+                    )
+    return {
+        name: {
+            clients: {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"runs": rows}
+            for clients, rows in by_clients.items()
+        }
+        for name, by_clients in runs.items()
+    }
 
 
 def transformers_batching(
@@ -173,19 +190,19 @@ def run_peers_bench(cfg: PeersBenchConfig, log: Callable[[str], None] = print) -
         roofline = measure_roofline(torch.device("cpu"), dtype)
         results["roofline"] = roofline.as_dict()
         mixtral = write_mixtral(linear, Path(tmp) / "mixtral")
+        servers: dict[str, Callable[[], contextlib.AbstractContextManager[str]]] = {}
         if (cfg.vllm_env / "bin" / "python").exists():
-            log("vLLM, the linear gate and experts written as Mixtral")
-            with vllm_server(cfg.vllm_env, mixtral, cfg.context, cfg.dtype, cfg.out_dir / "vllm.log") as url:
-                results["servers"]["vllm"] = _measure(url, prompts, cfg, log)
+            log_path = cfg.out_dir / "vllm.log"
+            servers["vllm"] = partial(vllm_server, cfg.vllm_env, mixtral, cfg.context, cfg.dtype, log_path)
         else:
             skipped = cfg.vllm_env.with_suffix(".skipped")
             reason = skipped.read_text().strip() if skipped.exists() else "run bench/peers/install-vllm"
             results["servers"]["vllm"] = {"skipped": reason}
             log(f"vLLM left out: {reason}")
-        for name, directory in (("star-serve, linear router", linear), ("star-serve, STAR router", star)):
-            log(name)
-            with star_server(directory, cfg.dtype) as url:
-                results["servers"][name] = _measure(url, prompts, cfg, log)
+        servers["star-serve, linear router"] = partial(star_server, linear, cfg.dtype)
+        servers["star-serve, STAR router"] = partial(star_server, star, cfg.dtype)
+        log(f"{', '.join(servers)}: {cfg.repeats} rounds, each server in turn (vLLM serves the Mixtral checkpoint)")
+        results["servers"] |= _measure(servers, prompts, cfg, log)
         log(f"transformers {transformers_version} continuous batching (generate_batch), the Mixtral checkpoint")
         results["servers"][TRANSFORMERS] = transformers_batching(mixtral, prompts, cfg, log)
         config = StarMoeConfig.from_pretrained(str(star))
