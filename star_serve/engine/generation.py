@@ -388,6 +388,7 @@ class GenerationEngine:
     def _consume(self, p: _Pass, out: StarMoeModelOutput, next_logits: torch.Tensor) -> None:
         """What a pass's forward feeds besides its next tokens, then those tokens."""
         batch, prefill = p.batch, p.prefill
+        tenants = [s.tenant for s in batch]
         hidden, experts = out.last_hidden_state, out.expert_indices
         assert hidden is not None and experts is not None
         if self.on_step is not None:
@@ -397,13 +398,13 @@ class GenerationEngine:
         if any(s.return_routing for s in batch):
             self._count_routing(batch, experts, p.lengths)
         if self._sink is not None:
-            self._sink.submit([s.tenant for s in batch], p.lengths, p.plan, out, p.ids)
+            self._sink.submit(tenants, p.lengths, p.plan, out, p.ids)
         if prefill and self.prefixes is not None:
             for seq in batch:
                 self.prefixes.store(seq.prefix_digests, self.cache, seq.slot)
         if prefill and self._meter is not None:
             whole = [c == 0 for c in p.starts.tolist()]  # a prompt's loss is measured from its first token
-            self._meter([s.tenant for s in batch], p.plan.versions, p.ids, p.real, hidden, whole)
+            self._meter(tenants, p.plan.versions, p.ids, p.real, hidden, whole)
         if prefill and any(s.params.prompt_logprobs is not None for s in batch):
             self._score_prompts(batch, hidden)
         scored = [s for s in batch if s.params.max_tokens == 0]  # prompt scoring only: nothing to generate
