@@ -66,7 +66,7 @@ def addressed(principal: Principal, model: str, served: Collection[str]) -> tupl
     return name, Principal(tenant=tenant, admin=principal.admin)
 
 
-def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+async def require_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     if not principal.admin:
         raise Forbidden("this route needs the admin key")
     return principal

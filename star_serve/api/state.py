@@ -84,6 +84,7 @@ class AppState:
         return served
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    """A coroutine, so that FastAPI calls it on the event loop rather than in its thread pool."""
     state: AppState = request.app.state.star
     return state

@@ -7,7 +7,12 @@ import math
 import re
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+
+from star_serve.api.auth import Principal
+from star_serve.api.schemas import ChatCompletionRequest, CompletionRequest
+from star_serve.api.serving import GenerationCall, _sse
 
 from .support import CLF_NAME, LABELS, LM_NAME, NUM_EXPERTS, NUM_LAYERS, Checkpoints, metric, star_of, stream_chunks
 
@@ -87,6 +92,19 @@ def test_streamed_completion_equals_the_non_streamed_one(client: TestClient) -> 
     # stream_options.include_usage: one last chunk without choices, carrying the same usage as the full response
     assert last["choices"] == [] and last["usage"] == full["usage"]
     assert star_of(last) == {"tenant": "default", "subspace_version": 0}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_streamed_text_event_is_the_chunk_encoded_whole(client: TestClient, chat: bool) -> None:
+    state = client.app.state.star  # type: ignore[attr-defined]
+    body = (
+        ChatCompletionRequest(model=LM_NAME, messages=CHAT) if chat else CompletionRequest(model=LM_NAME, prompt=PROMPT)
+    )
+    call = GenerationCall(state, state.model(LM_NAME, "generate"), Principal("tenant.a-1", admin=False), body)
+    event = call._text_events()
+    for index, text, version in [(0, "plain", 0), (3, ' "quoted"\\ \n\t', 12), (1, "é€😀\u0000}]", 7), (0, "", 1)]:
+        content = {"content": text} if chat else text
+        assert event(index, text, version) == _sse(call._chunk(index, content, None, version=version))
 
 
 def test_stream_without_include_usage_sends_no_usage(client: TestClient) -> None:
