@@ -134,15 +134,24 @@ class Settings(BaseSettings):
     adaptation_quality_gate: bool = Field(
         True,
         description="Commit a tenant's new version only if, on a held-back sample of its own recent prompts, "
-        "it scores no worse than its current version and the trained bases (loss for a language model, "
-        "predictive entropy for a classifier); `async` and `shadow` modes.",
+        "it scores better than its current version and the trained bases, beyond the sample's noise "
+        "(`adaptation_quality_confidence`; loss for a language model, predictive entropy for a classifier); "
+        "`async` and `shadow` modes.",
     )
     adaptation_max_loss_increase: float = Field(
         0.0,
         ge=0,
         description="How much worse (nats/token) than the better of the current and trained bases a candidate "
-        "may score on the held-back sample and still be committed. The rows are scored on the same tokens, so "
-        "their sampling noise cancels: zero refuses every step that does measurably worse.",
+        "may score on the held-back sample, with `adaptation_quality_confidence` standard errors added, and "
+        "still be committed.",
+    )
+    adaptation_quality_confidence: float = Field(
+        1.645,
+        ge=0,
+        description="Standard errors of a candidate's paired difference from the better of the current and "
+        "trained bases, measured over the held-back sequences, that its score must clear besides the margin: "
+        "1.645 commits a candidate only when it is better with 95% confidence (one-sided); 0 commits any that "
+        "scores no worse.",
     )
     adaptation_rollback_loss_increase: float = Field(
         0.01,

@@ -383,6 +383,9 @@ class QualityVerdict(BaseModel):
     candidate: float | None = None
     current: float | None = None
     trained: float | None = None
+    standard_error: float | None = Field(
+        None, description="Of the candidate's difference from the better of the current and trained scores."
+    )
     reason: str = ""
     rolled_back: bool = Field(False, description="The tenant was rolled back to the trained bases on this verdict.")
 

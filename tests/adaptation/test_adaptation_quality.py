@@ -1,6 +1,7 @@
 """The quality gate: scoring every bank row in one batched forward gives each row's own teacher-forced loss;
-a candidate is committed only when it scores no worse than the current and trained bases on its tenant's
-held-back prompts; held-back prompts never count in the statistics and travel with the tenant's batch."""
+a candidate is committed only when it scores better than the current and trained bases on its tenant's
+held-back prompts, beyond the sample's noise; held-back prompts never count in the statistics and travel
+with the tenant's batch."""
 
 from __future__ import annotations
 
@@ -20,7 +21,14 @@ from star_serve.adaptation.bus import StatisticsBatch
 from star_serve.adaptation.capture import capture
 from star_serve.adaptation.forwards import Forward, capture_forward, held_back
 from star_serve.adaptation.messages import RingForward
-from star_serve.adaptation.quality import GateModel, HoldBack, QualityConfig, QualityGate, model_scorer
+from star_serve.adaptation.quality import (
+    GateModel,
+    HoldBack,
+    QualityConfig,
+    QualityGate,
+    model_scorer,
+    paired_standard_error,
+)
 from star_serve.adaptation.ring import SharedRing
 from star_serve.adaptation.store import Snapshot
 from star_serve.model import (
@@ -135,13 +143,31 @@ def test_the_gate_refuses_a_worse_candidate_and_accepts_a_better_one(lm: StarMoe
     assert not refused.accepted and refused.tokens >= 256 and "held-back score" in refused.reason
     assert refused.candidate == pytest.approx(max(scores[:2]), abs=1e-5)
 
-    accepted = gate.judge("acme", better, worse, trained)
-    assert accepted.candidate is not None and accepted.trained is not None
-    assert accepted.accepted == (accepted.candidate <= min(accepted.trained, max(scores[:2])))
-    assert accepted.candidate == pytest.approx(best_known, abs=1e-5)
+    # Better than both on the sample, by less than its noise: committed only where the noise is not asked about.
+    judged = gate.judge("acme", better, worse, trained)
+    assert judged.candidate is not None and judged.trained is not None and judged.standard_error is not None
+    assert judged.candidate == pytest.approx(best_known, abs=1e-5)
+    difference = judged.candidate - min(judged.trained, max(scores[:2]))
+    assert difference < 0 < judged.standard_error
+    assert judged.accepted == (difference + QualityConfig().confidence * judged.standard_error <= 0)
+    assert not judged.accepted and "±" in judged.reason
+    assert _gate(model, confidence=0.0).judge("acme", better, worse, trained).accepted
 
     lenient = _gate(model, max_loss_increase=10.0)
     assert lenient.judge("acme", worse, better, trained).accepted  # within the margin
+
+
+def test_the_paired_standard_error_is_that_of_the_mean_per_token_difference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    others = 40 * torch.rand(50, generator=gen, dtype=torch.float64)
+    per_token = torch.randn(50, generator=gen, dtype=torch.float64)
+    counts = torch.full((50,), 8.0, dtype=torch.float64)
+    # Sequences of one length: the textbook standard error of the mean of their per-token differences.
+    expected = per_token.std().item() / math.sqrt(50)
+    assert paired_standard_error(others + per_token * counts, others, counts) == pytest.approx(expected, rel=1e-9)
+    lengths = torch.randint(2, 40, (50,), generator=gen).double()
+    assert paired_standard_error(others + 0.3 * lengths, others, lengths) == pytest.approx(0.0, abs=1e-12)
+    assert paired_standard_error(others[:1] + 1.0, others[:1], lengths[:1]) == 0.0  # one sequence: no estimate
 
 
 def test_samples_are_per_tenant_and_too_few_tokens_judge_nothing(lm: StarMoeForCausalLM) -> None:
