@@ -384,7 +384,7 @@ class QualityVerdict(BaseModel):
     current: float | None = None
     trained: float | None = None
     standard_error: float | None = Field(
-        None, description="Of the candidate's difference from the better of the current and trained scores."
+        None, description="The standard error of the candidate's score less the better of the other two."
     )
     reason: str = ""
     rolled_back: bool = Field(False, description="The tenant was rolled back to the trained bases on this verdict.")
