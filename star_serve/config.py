@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         "(on 2 cores at 32 clients, every core measured 1.6-1.9x one core on a 182M-shape model), else all "
         "cores but one, which the HTTP loop needs (the demo LM measured 0.88-1.08x with every core).",
     )
+    engine_process: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Run a language model's generation engine in a process of its own, as vLLM runs its engine "
+        "core, so that the HTTP loop never holds the interpreter lock the engine's forward needs. `auto`: for a "
+        "language model without adaptation (a model that adapts keeps its engine beside its tenant bank and "
+        "adaptation); `on`: the same, and an error at start for a model that adapts.",
+    )
     cpu_packed_weights: bool = Field(
         True,
         description="On a CPU (float32, or bfloat16 where the CPU multiplies it natively), also keep the weights "

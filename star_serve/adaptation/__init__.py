@@ -7,7 +7,7 @@ from .bank import BasesSink, BatchRouter, RoutingPlan, TenantBank
 from .capture import CaptureConfig, CaptureCounts, LayerStatistics, capture
 from .errors import AdaptationError, AdaptationUnavailable, CommitConflict, VersionNotKept
 from .guardrails import Guardrails, StepReport, guarded_step, load_entropy
-from .handle import AdaptationHandle, open_adaptation
+from .handle import AdaptationHandle, adapts, open_adaptation
 from .local import LocalAdaptation
 from .observer import ForwardSink, Observer
 from .process import AdaptationProcess
@@ -42,6 +42,7 @@ __all__ = [
     "TenantBank",
     "TenantHealth",
     "VersionNotKept",
+    "adapts",
     "capture",
     "guarded_step",
     "load_entropy",

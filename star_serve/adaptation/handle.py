@@ -70,7 +70,7 @@ def open_adaptation(
     """The adaptation of one served model as `settings` ask, None when there is none (adaptation off, or a
     router without a subspace). `async` and `shadow` run in a process of their own on a CPU (see
     `Settings.adaptation_process`)."""
-    if settings.adaptation == "off" or model.config.router_type not in ("star", "star_gha_only"):
+    if not adapts(settings, model.config.router_type):
         return None
     trained = model.trained_bases()
     experts = (model.config.num_local_experts, model.config.num_experts_per_tok)
@@ -84,6 +84,12 @@ def open_adaptation(
     store, bus = backends.open(name)
     gate_here = QualityGate(model_scorer(model), config.quality) if gated else None
     return LocalAdaptation(name, trained, bank, store, config, bus, experts[0], gate_here)
+
+
+def adapts(settings: Settings, router_type: str) -> bool:
+    """Whether a model whose routers are `router_type` adapts under `settings`: a subspace to adapt, and
+    adaptation on."""
+    return settings.adaptation != "off" and router_type in ("star", "star_gha_only")
 
 
 def _in_a_process(settings: Settings, device: torch.device) -> bool:

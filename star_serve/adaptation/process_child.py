@@ -5,7 +5,6 @@ serving process's side)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import pickle
@@ -20,6 +19,7 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from ..lifetime import die_with_parent
 from .backends import Backends
 from .forwards import Forward, capture_batch
 from .messages import (
@@ -78,19 +78,12 @@ class _Link:
 
 
 def main(setup: Setup, *, control: Connection, forwards: Connection, ring: SharedRing) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process stops this one, after its engine
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     os.nice(setup.config.niceness)  # background work: the serving process's engine and HTTP go first
     asyncio.run(_serve(setup, control, forwards, ring))
-
-
-def _die_with_parent() -> None:
-    """On Linux, have the kernel kill this process when the serving process dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 async def _serve(setup: Setup, control: Connection, forwards: Connection, ring: SharedRing) -> None:

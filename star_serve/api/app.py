@@ -18,13 +18,14 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adaptation import TenantBank, open_adaptation
+from ..adaptation import TenantBank, adapts, open_adaptation
 from ..adaptation.live import LiveConfig, LiveQuality
 from ..config import Settings
 from ..engine import BatcherConfig, ClassificationEngine, EngineConfig, GenerationEngine
+from ..engine.process import EngineProcess, EngineSetup
 from ..engine.types import StepStats
 from ..metrics import ServingMetrics
-from ..model import StarMoeForCausalLM, StarMoeForSequenceClassification
+from ..model import StarMoeConfig, StarMoeForCausalLM, StarMoeForSequenceClassification
 from ..model.loading import load_model, require_model_dir, resolve_device, resolve_dtype
 from .errors import install_error_handlers
 from .live import watch_live
@@ -58,8 +59,8 @@ def open_registry(settings: Settings) -> TenantRegistry:
     return FileTenantRegistry(settings.resolved_state_dir / "tenants.json")
 
 
-def _task_of(directory: Path) -> Literal["generate", "classify"]:
-    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+def _task_of(config: StarMoeConfig) -> Literal["generate", "classify"]:
+    architectures = config.architectures or []
     return "classify" if any("SequenceClassification" in a for a in architectures) else "generate"
 
 
@@ -67,11 +68,14 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     settings, metrics = state.settings, state.metrics
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    task = _task_of(directory)
-    model, tokenizer = load_model(directory, task, device, dtype)
+    checkpoint = StarMoeConfig.from_pretrained(directory)
+    task = _task_of(checkpoint)
+    remote = task == "generate" and _engine_in_a_process(settings, name, adapts(settings, checkpoint.router_type))
+    # With its engine in a process of its own, this process keeps no more of the model than its trained bases
+    model, tokenizer = load_model(directory, task, torch.device("cpu") if remote else device, dtype)
     metrics.observe_alignment(name, model.router_alignment())
     model.align_linear_gates(settings.adaptation_align_linear_gate)
-    if settings.cpu_packed_weights:
+    if settings.cpu_packed_weights and not remote:
         model.pack_for_cpu()
     bank = TenantBank.serving(model)
     adapter = open_adaptation(name, model, directory, bank, settings)
@@ -85,7 +89,7 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
     def on_step(stats: StepStats) -> None:
         metrics.observe_step(name, stats)
 
-    engine: GenerationEngine | ClassificationEngine
+    engine: GenerationEngine | EngineProcess | ClassificationEngine
     if isinstance(model, StarMoeForCausalLM):
         config = EngineConfig(
             max_running=settings.max_running,
@@ -95,7 +99,20 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
             prefix_block_size=settings.prefix_cache_block_size,
             request_timeout=settings.request_timeout,
         )
-        engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink, live)
+        if remote:
+            setup = EngineSetup(
+                name,
+                directory,
+                device,
+                dtype,
+                config,
+                threads=torch.get_num_threads(),
+                packed=settings.cpu_packed_weights,
+                aligned=settings.adaptation_align_linear_gate,
+            )
+            engine = EngineProcess(setup, on_step)
+        else:
+            engine = GenerationEngine(model, tokenizer, routing, config, on_step, sink, live)
     else:
         live = None  # a classifier's live quality is the quality gate's entropy proxy
         assert isinstance(model, StarMoeForSequenceClassification)
@@ -106,6 +123,17 @@ def load_served_model(name: str, directory: Path, state: AppState) -> ServedMode
         )
         engine = ClassificationEngine(model, tokenizer, routing, batcher, on_step, sink)
     return ServedModel(name, task, engine, bank, tokenizer, created=int(time.time()), adapter=adapter, live=live)
+
+
+def _engine_in_a_process(settings: Settings, name: str, adapts: bool) -> bool:
+    if settings.engine_process == "off":
+        return False
+    if adapts and settings.engine_process == "on":
+        raise ValueError(
+            f"STAR_ENGINE_PROCESS=on: model {name!r} adapts, and its engine runs beside its tenant bank and "
+            "adaptation; set STAR_ADAPTATION=off, or STAR_ENGINE_PROCESS=auto to keep its engine in this process"
+        )
+    return not adapts
 
 
 # The hidden size from which a CPU forward gains more from a second core than the HTTP loop loses by sharing
@@ -139,7 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
             torch.set_num_threads(cpu_threads(settings.cpu_threads, [_hidden_size(d) for d in sources.values()]))
         for name, directory in sources.items():
             served = await asyncio.to_thread(load_served_model, name, directory, state)
-            served.engine.start()
+            served.engine.start()  # on this thread: an engine process dies with the thread that started it
             if served.adapter is not None:
                 await served.adapter.start()  # on this thread: an adaptation process dies with the one that started it
             watch_live(served, metrics, asyncio.get_running_loop())

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine import ClassificationEngine, GenerationEngine, GenerationOutput, SamplingParams
+from ..engine import ClassificationEngine, GenerationOutput, SamplingParams
 from ..engine.generation import GenerationStream, SequenceRequest
 from ..engine.types import TokenLogprob
 from .auth import Principal
@@ -104,7 +104,7 @@ class GenerationCall:
     async def start(self) -> None:
         """Tokenizes and queues every choice; raises before any response byte is sent."""
         body, engine = self.body, self.served.engine
-        assert isinstance(engine, GenerationEngine)
+        assert not isinstance(engine, ClassificationEngine)
         if self.best_of > self.state.settings.max_n:
             param = "best_of" if body.n < self.best_of else "n"
             raise ApiError(f"{param} must be at most {self.state.settings.max_n}", param)

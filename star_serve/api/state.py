@@ -13,6 +13,7 @@ from ..adaptation import AdaptationHandle, TenantBank
 from ..adaptation.live import LiveQuality
 from ..config import Settings
 from ..engine import ClassificationEngine, GenerationEngine
+from ..engine.process import EngineProcess
 from ..metrics import ServingMetrics
 from .errors import ApiError, NotFound
 from .logprobs import TokenTexts
@@ -23,7 +24,7 @@ from .tenants import TenantRegistry
 class ServedModel:
     name: str
     task: Literal["generate", "classify"]
-    engine: GenerationEngine | ClassificationEngine
+    engine: GenerationEngine | EngineProcess | ClassificationEngine
     bank: TenantBank
     tokenizer: PreTrainedTokenizerBase
     created: int

@@ -14,8 +14,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -63,7 +64,7 @@ class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     tenant: str
-    stream: GenerationStream
+    stream: SequenceHandle
     return_routing: bool
     deadline: float
     generator: torch.Generator | None
@@ -101,12 +102,29 @@ class SequenceRequest:
     incremental: bool = True  # stream text as it is generated; False: all of it in the final output
 
 
+class Cancels(Protocol):
+    """What a stream's `cancel` tells: the engine, or the serving process's end of an engine in a process of
+    its own (`process.py`)."""
+
+    def cancel(self, stream: GenerationStream) -> None: ...
+
+
+class SequenceHandle(Protocol):
+    """What the engine knows a sequence's caller by: a `GenerationStream`, or a sequence that a process of its
+    own runs for another (`process.py`)."""
+
+    sequence: _Sequence | None
+
+
+Deliver = Callable[[list[tuple[Any, "GenerationOutput"]]], None]  # a step's (handle, output) pairs
+
+
 class GenerationStream:
     """The caller's end of one sequence: an async iterator of outputs; `cancel` (or not reading it to the
     end and calling `cancel`) frees the sequence's slot at the engine's next iteration."""
 
-    def __init__(self, engine: GenerationEngine, loop: asyncio.AbstractEventLoop) -> None:
-        self._engine, self.loop = engine, loop
+    def __init__(self, engine: Cancels, loop: asyncio.AbstractEventLoop, key: int = 0) -> None:
+        self._engine, self.loop, self.key = engine, loop, key
         self._queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         self.sequence: _Sequence | None = None
         self.finished = False
@@ -127,9 +145,8 @@ class GenerationStream:
             yield output
 
     def cancel(self) -> None:
-        if self.sequence is not None and not self.finished:
-            self.sequence.cancelled = True
-            self._engine.wake()
+        if not self.finished:
+            self._engine.cancel(self)
 
 
 @dataclass
@@ -157,9 +174,10 @@ class GenerationEngine:
         on_step: Callable[[StepStats], None] | None = None,
         sink: ForwardSink | None = None,  # where each forward goes for adaptation, if anywhere
         live: LiveQuality | None = None,  # where the loss of sampled prompts goes, if anywhere
+        deliver: Deliver | None = None,  # where a step's outputs go; None: to their streams' event loops
     ) -> None:
         self.model, self.tokenizer, self.routing, self.config = model, tokenizer, routing, config
-        self.on_step, self._sink = on_step, sink
+        self.on_step, self._sink, self._deliver = on_step, sink, deliver
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
@@ -183,7 +201,7 @@ class GenerationEngine:
         self._wakeup = threading.Condition()
         self._stopping = False
         self.draining = False
-        self._outbox: list[tuple[GenerationStream, GenerationOutput]] = []
+        self._outbox: list[tuple[SequenceHandle, GenerationOutput]] = []
         self._thread = threading.Thread(target=self._loop, name="generation-engine", daemon=True)
 
     # -- the caller's side -------------------------------------------------------------------------
@@ -220,23 +238,20 @@ class GenerationEngine:
         )
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.max_context:
-            raise RequestTooLong(
-                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {self.max_context} tokens"
-            )
+        check_length(prompt_tokens, max_tokens, self.max_context)
 
     def submit(self, requests: list[SequenceRequest]) -> list[GenerationStream]:
         """Queues sequences all together or not at all (EngineOverloaded, EngineDraining).
 
         Must be called on the event loop that will consume the returned streams.
         """
-        loop = asyncio.get_running_loop()
-        for request in requests:
-            if not request.prompt_ids:
-                raise RequestTooLong("the prompt is empty")
-            self.check_length(len(request.prompt_ids), request.params.max_tokens)
-        streams = [GenerationStream(self, loop) for _ in requests]
+        streams = [GenerationStream(self, asyncio.get_running_loop()) for _ in requests]
+        self.enqueue(requests, streams)
+        return streams
+
+    def enqueue(self, requests: Sequence[SequenceRequest], streams: Sequence[SequenceHandle]) -> None:
+        """Queues sequences all together or not at all, each known by its handle in the step's outputs."""
+        check_requests(requests, self.max_context)
         seqs = [
             _Sequence(
                 prompt_ids=list(r.prompt_ids),
@@ -264,7 +279,12 @@ class GenerationEngine:
             self._wakeup.notify()
         for stream, seq in zip(streams, seqs, strict=True):
             stream.sequence = seq
-        return streams
+
+    def cancel(self, stream: SequenceHandle) -> None:
+        """Ends `stream`'s sequence at the next iteration, as "cancelled"."""
+        if stream.sequence is not None:
+            stream.sequence.cancelled = True
+            self.wake()
 
     def wake(self) -> None:
         with self._wakeup:
@@ -562,12 +582,33 @@ class GenerationEngine:
     def _flush(self) -> None:
         """Delivers the step's outputs with one wake-up per event loop, not one per token."""
         outbox, self._outbox = self._outbox, []
+        if self._deliver is not None:
+            if outbox:
+                self._deliver(outbox)
+            return
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationOutput]]] = {}
         for stream, output in outbox:
+            assert isinstance(stream, GenerationStream)
             by_loop.setdefault(stream.loop, []).append((stream, output))
         for loop, outputs in by_loop.items():
             if not loop.is_closed():
                 loop.call_soon_threadsafe(GenerationStream.deliver, outputs)
+
+
+def check_length(prompt_tokens: int, max_tokens: int, max_context: int) -> None:
+    if prompt_tokens + max_tokens > max_context:
+        raise RequestTooLong(
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {max_context} tokens"
+        )
+
+
+def check_requests(requests: Sequence[SequenceRequest], max_context: int) -> None:
+    """Refuses (RequestTooLong) a batch of sequences with an empty prompt or one over the context."""
+    for request in requests:
+        if not request.prompt_ids:
+            raise RequestTooLong("the prompt is empty")
+        check_length(len(request.prompt_ids), request.params.max_tokens, max_context)
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

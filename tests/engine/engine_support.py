@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from star_serve.engine.generation import GenerationStream
+from star_serve.engine.generation import GenerationStream, SequenceRequest
 from star_serve.engine.sampling import make_generator, sample
 from star_serve.engine.types import GenerationOutput, SamplingParams, StepStats
 from star_serve.model import Routing, StarMoeConfig
@@ -49,6 +49,21 @@ def perturbed_bases(model: Any, scale: float, seed: int) -> torch.Tensor:
 
 def _bank_kwargs(bases: torch.Tensor | None) -> dict[str, Routing]:
     return {} if bases is None else {"routing": Routing.shared(bases)}
+
+
+def greedy(max_tokens: int, **kwargs: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
+
+
+def request(tokenizer: Any, text: str, params: SamplingParams, tenant: str = "t", **kwargs: Any) -> SequenceRequest:
+    return SequenceRequest(prompt_ids=tokenizer.encode(text), params=params, tenant=tenant, **kwargs)
+
+
+def final(outputs: list[GenerationOutput]) -> GenerationOutput:
+    assert outputs, "the stream ended without any output"
+    assert all(o.finish_reason is None for o in outputs[:-1])
+    assert outputs[-1].finish_reason is not None
+    return outputs[-1]
 
 
 @torch.no_grad()

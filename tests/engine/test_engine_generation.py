@@ -12,8 +12,11 @@ import torch
 from engine_support import (
     StepGate,
     collect,
+    final,
+    greedy,
     greedy_reference,
     perturbed_bases,
+    request,
     routing_reference,
     run,
     sampled_reference,
@@ -41,21 +44,6 @@ PROMPTS = [
     "the green stone sat on a mat by the river",
 ]
 CPU = torch.device("cpu")
-
-
-def greedy(max_tokens: int, **kwargs: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kwargs)
-
-
-def request(tokenizer: Any, text: str, params: SamplingParams, tenant: str = "t", **kwargs: Any) -> SequenceRequest:
-    return SequenceRequest(prompt_ids=tokenizer.encode(text), params=params, tenant=tenant, **kwargs)
-
-
-def final(outputs: list[GenerationOutput]) -> GenerationOutput:
-    assert outputs, "the stream ended without any output"
-    assert all(o.finish_reason is None for o in outputs[:-1])
-    assert outputs[-1].finish_reason is not None
-    return outputs[-1]
 
 
 def streamed_text(outputs: list[GenerationOutput]) -> str:
