@@ -68,6 +68,7 @@ class _Sequence:
     return_routing: bool
     deadline: float
     generator: torch.Generator | None
+    ends: tuple[int, ...]  # the tokens that end it
     slot: int = -1
     version: int = 0
     generated: list[int] = field(default_factory=list)
@@ -183,6 +184,7 @@ class GenerationEngine:
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
         self._meter = None if live is None else PrefillMeter(live, self.backbone, self.lm_head, self.device)
         self.max_context = model.config.max_position_embeddings
+        self._eos: int | None = tokenizer.eos_token_id
         # A fast tokenizer decodes a streamed sequence one token at a time, rather than all of its tokens again
         # at every step, where that gives the same text (no clean-up of spaces before punctuation).
         backend = getattr(tokenizer, "_tokenizer", None)
@@ -261,6 +263,7 @@ class GenerationEngine:
                 return_routing=r.return_routing,
                 deadline=time.monotonic() + self.config.request_timeout,
                 generator=make_generator(r.params, r.choice),
+                ends=self._ends(r.params),
                 incremental=r.incremental,
             )
             for r, stream in zip(requests, streams, strict=True)
@@ -464,7 +467,7 @@ class GenerationEngine:
             shaped = logits.clone()
             for i, s in enumerate(batch):
                 if s.params.processes_logits:
-                    shaped[i] = process(logits[i], s.params, s.prompt_ids, s.generated, self._ends(s))
+                    shaped[i] = process(logits[i], s.params, s.prompt_ids, s.generated, s.ends)
         tokens = sample(shaped, [s.params for s in batch], [s.generator for s in batch])
         wanted = [i for i, s in enumerate(batch) if s.params.logprobs is not None]
         if wanted:
@@ -494,11 +497,10 @@ class GenerationEngine:
                 entries += token_logprobs(logits, targets[start : start + chunk], top)
             seq.prompt_logprobs = entries
 
-    def _ends(self, seq: _Sequence) -> tuple[int, ...]:
-        """The tokens that end `seq`: end-of-text (unless ignored) and its `stop_token_ids`."""
-        eos = self.tokenizer.eos_token_id
-        own = seq.params.stop_token_ids
-        return own if eos is None or seq.params.ignore_eos else (eos, *own)
+    def _ends(self, params: SamplingParams) -> tuple[int, ...]:
+        """The tokens that end a sequence: end-of-text (unless ignored) and its `stop_token_ids`."""
+        own = params.stop_token_ids
+        return own if self._eos is None or params.ignore_eos else (self._eos, *own)
 
     def _count_routing(self, batch: list[_Sequence], experts: tuple[torch.Tensor, ...], lengths: list[int]) -> None:
         num_experts = self.model.config.num_local_experts
@@ -517,7 +519,7 @@ class GenerationEngine:
         the end of the sequence.
         """
         early = len(seq.generated) <= seq.params.min_tokens  # the ending tokens were masked until now
-        eos = seq.generated[-1] in self._ends(seq) and not early
+        eos = seq.generated[-1] in seq.ends and not early
         out_of_room = len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_context
         if not (eos or out_of_room or seq.incremental or seq.params.stop):
             return

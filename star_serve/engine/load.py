@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..adaptation.capture import expert_load
-
 
 class ExpertLoad:
     """Cumulative counts, and a recent view that halves every `half_life` tokens, per layer and expert."""
@@ -18,13 +16,18 @@ class ExpertLoad:
             self.recent = torch.zeros(layers, experts, device=device)
 
     def add(self, expert_indices: tuple[torch.Tensor, ...] | list[torch.Tensor], tokens: torch.Tensor) -> None:
-        """Counts a forward's routing: `expert_indices` L x (B, S, k), of which `tokens` (B, S) are real."""
-        tokens = tokens.to(expert_indices[0].device, torch.bool)
-        one_group = torch.zeros(tokens.shape[0], dtype=torch.long)
-        counts = expert_load(list(expert_indices), tokens, one_group, 1, self.experts)[0]  # (L, E)
-        decay = torch.pow(0.5, tokens.sum().to(self.recent) / self.half_life)  # on the device: no sync
+        """Counts a forward's routing: `expert_indices` L x (B, S, k), of which `tokens` (B, S), on the host,
+        are real. A decode step's tokens are all real, and are counted without a mask."""
+        real = int(tokens.sum())
+        indices = torch.stack(list(expert_indices))  # (L, B, S, k)
+        if real != tokens.numel():
+            indices = indices[:, tokens.to(indices.device, torch.bool)]  # (L, N, k)
+        layers = len(expert_indices)
+        offsets = torch.arange(0, layers * self.experts, self.experts, device=indices.device)
+        keys = indices.reshape(layers, -1) + offsets[:, None]  # each layer's experts numbered apart
+        counts = torch.bincount(keys.reshape(-1), minlength=layers * self.experts).view(layers, self.experts)
         self.total += counts
-        self.recent.mul_(decay).add_(counts)
+        self.recent.mul_(0.5 ** (real / self.half_life)).add_(counts)
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(total, recent), both (L, E), on the host."""

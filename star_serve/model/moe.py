@@ -24,7 +24,7 @@ class StarMoeExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # see pack_for_cpu
-        self._transposed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._transposed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # per expert
 
     def pack_for_cpu(self) -> bool:
         """Keeps a copy of each expert's weights packed for the few rows an expert gets per decode step
@@ -33,10 +33,10 @@ class StarMoeExperts(nn.Module):
         decode step of 32 tokens, 553 -> 470 us a layer."""
         if not packable(self.gate_up_proj[0]):
             if self.gate_up_proj.device.type == "cpu" and self.gate_up_proj.dtype == torch.float32:
-                with torch.no_grad():
+                with torch.no_grad():  # each expert's own tensor: no indexing of a stack at every step
                     self._transposed = (
-                        self.gate_up_proj.detach().transpose(1, 2).contiguous(),
-                        self.down_proj.detach().transpose(1, 2).contiguous(),
+                        list(self.gate_up_proj.detach().transpose(1, 2).contiguous().unbind()),
+                        list(self.down_proj.detach().transpose(1, 2).contiguous().unbind()),
                     )
             return False
         self._packed = [

@@ -168,7 +168,7 @@ def test_experts_too_small_to_pack_are_multiplied_transposed_to_the_same_outputs
         transposed = model(input_ids=ids).logits
         experts = model.base_model.decoder_layers()[0].mlp.experts
         assert experts._transposed is not None
-        experts._transposed = (torch.zeros_like(experts._transposed[0]), experts._transposed[1])
+        experts._transposed = ([torch.zeros_like(w) for w in experts._transposed[0]], experts._transposed[1])
         assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-3)  # the copy is what multiplies
     torch.testing.assert_close(transposed, plain, rtol=0, atol=1e-5)
     with torch.enable_grad():  # training multiplies by the weights themselves
