@@ -588,13 +588,17 @@ class GenerationEngine:
             if outbox:
                 self._deliver(outbox)
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationOutput]]] = {}
-        for stream, output in outbox:
-            assert isinstance(stream, GenerationStream)
-            by_loop.setdefault(stream.loop, []).append((stream, output))
-        for loop, outputs in by_loop.items():
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(GenerationStream.deliver, outputs)
+        deliver_to_loops([(stream, output) for stream, output in outbox if isinstance(stream, GenerationStream)])
+
+
+def deliver_to_loops(outputs: list[tuple[GenerationStream, GenerationOutput]]) -> None:
+    """Hands outputs to their streams, from any thread: one wake-up per event loop, not one per output."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationOutput]]] = {}
+    for stream, output in outputs:
+        by_loop.setdefault(stream.loop, []).append((stream, output))
+    for loop, pairs in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(GenerationStream.deliver, pairs)
 
 
 def check_length(prompt_tokens: int, max_tokens: int, max_context: int) -> None:

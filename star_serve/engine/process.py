@@ -10,8 +10,8 @@ the other (every sequence's new text and finished outputs, the step's statistics
     API ── submit / cancel ─► EngineProcess ── Submit, Cancel, Drain, Stop ──► main thread ──► GenerationEngine
     streams ◄── call_soon_threadsafe ◄── reader thread ◄── Step (pickled) ◄──────────────────── engine thread
 
-It serves a model without adaptation: the tenant bank, the adaptation and the live quality of a model that
-adapts live beside the engine, in the serving process. The engine process dies with the serving process;
+It serves a model without adaptation. A model that adapts keeps its engine in the serving process, beside its
+tenant bank, its adaptation and its live quality. The engine process dies with the serving process;
 should it die alone, its sequences end with "error" and the engine reads as down (`/health`, `star_engine_up`).
 """
 
@@ -38,7 +38,15 @@ from ..adaptation import TenantBank
 from ..lifetime import die_with_parent
 from ..model import StarMoeForCausalLM
 from ..model.loading import load_model
-from .generation import EngineConfig, GenerationEngine, GenerationStream, SequenceRequest, check_length, check_requests
+from .generation import (
+    EngineConfig,
+    GenerationEngine,
+    GenerationStream,
+    SequenceRequest,
+    check_length,
+    check_requests,
+    deliver_to_loops,
+)
 from .types import EngineDraining, EngineOverloaded, EngineStats, GenerationOutput, RequestTooLong, StepStats
 
 log = logging.getLogger(__name__)
@@ -255,22 +263,13 @@ class EngineProcess:
                 for key, output in step.outputs:
                     if output.finish_reason is not None:
                         self._streams.pop(key, None)
-            _deliver(delivered)
+            deliver_to_loops(delivered)
         from_engine.close()
         with self._lock:
             left, self._streams = list(self._streams.values()), {}
         if left:
             log.error("the engine process of %s ended with %d sequences unfinished", self.setup.name, len(left))
-        _deliver([(stream, GenerationOutput(text="", token_ids=[], finish_reason="error")) for stream in left])
-
-
-def _deliver(outputs: list[tuple[GenerationStream, GenerationOutput]]) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationStream, GenerationOutput]]] = {}
-    for stream, output in outputs:
-        by_loop.setdefault(stream.loop, []).append((stream, output))
-    for loop, pairs in by_loop.items():
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(GenerationStream.deliver, pairs)
+        deliver_to_loops([(stream, GenerationOutput(text="", token_ids=[], finish_reason="error")) for stream in left])
 
 
 # -- the engine process -------------------------------------------------------------------------------
