@@ -117,7 +117,7 @@ class SequenceHandle(Protocol):
     sequence: _Sequence | None
 
 
-Deliver = Callable[[list[tuple[Any, "GenerationOutput"]]], None]  # a step's (handle, output) pairs
+Deliver = Callable[[list[tuple[Any, GenerationOutput]]], None]  # a step's (handle, output) pairs
 
 
 class GenerationStream:
@@ -588,7 +588,9 @@ class GenerationEngine:
             if outbox:
                 self._deliver(outbox)
             return
-        deliver_to_loops([(stream, output) for stream, output in outbox if isinstance(stream, GenerationStream)])
+        streams = [(stream, output) for stream, output in outbox if isinstance(stream, GenerationStream)]
+        assert len(streams) == len(outbox), "sequences known by other handles go out through `deliver`"
+        deliver_to_loops(streams)
 
 
 def deliver_to_loops(outputs: list[tuple[GenerationStream, GenerationOutput]]) -> None:

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytest
 from fastapi.testclient import TestClient
 
 from star_serve.api.app import ALL_CORES_FROM_HIDDEN_SIZE, cpu_threads, create_app
+from star_serve.engine import GenerationEngine
+from star_serve.engine.process import EngineProcess
 
 from .support import (
     CLF_NAME,
@@ -106,6 +109,28 @@ def test_a_stopped_engine_fails_liveness(settings_for: SettingsFactory) -> None:
         assert metric(client, "star_engine_up", model=CLF_NAME) == 1.0
         response = client.post("/v1/completions", json={"model": LM_NAME, "prompt": "x", "max_tokens": 2})
         assert assert_openai_error(response, 503)["type"] == "unavailable_error"
+
+
+def test_a_language_model_without_adaptation_runs_its_engine_in_a_process_of_its_own(
+    settings_for: SettingsFactory,
+) -> None:
+    request = {"model": LM_NAME, "prompt": "the cat", "max_tokens": 4, "temperature": 0}
+    seen = {}
+    for mode in ("auto", "off"):
+        app = create_app(settings_for(adaptation="off", engine_process=mode))
+        with TestClient(app) as client:
+            engine = app.state.star.models[LM_NAME].engine
+            assert isinstance(engine, EngineProcess) == (mode == "auto")
+            body = client.post("/v1/completions", json=request).json()
+            routed = metric(client, "star_expert_tokens_total", model=LM_NAME, layer="0")  # read from the engine's steps
+            seen[mode] = (body["choices"][0]["text"], body["usage"], routed)
+        assert not engine.alive
+    assert seen["auto"] == seen["off"] and seen["auto"][2] > 0
+    adapting = create_app(settings_for())  # a model that adapts keeps its engine beside its bank
+    with TestClient(adapting):
+        assert isinstance(adapting.state.star.models[LM_NAME].engine, GenerationEngine)
+    with pytest.raises(ValueError, match="adapts"), TestClient(create_app(settings_for(engine_process="on"))):
+        pass
 
 
 def test_versions_and_settings_outlive_the_app(settings_for: SettingsFactory, checkpoints: Checkpoints) -> None:
