@@ -113,7 +113,7 @@ class Step:
     outputs: list[tuple[int, GenerationOutput]]
     passes: list[StepStats]
     stats: EngineStats
-    expert_load: tuple[list[list[float]], list[list[float]]] | None
+    expert_load: tuple[list[list[int]], list[list[float]]] | None  # (total, recent)
 
 
 class EngineProcess:
@@ -177,12 +177,8 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        return (
-            self._process is not None
-            and self._process.is_alive()
-            and self._reader is not None
-            and (self._reader.is_alive())
-        )
+        process, reader = self._process, self._reader
+        return process is not None and process.is_alive() and reader is not None and reader.is_alive()
 
     @property
     def pid(self) -> int | None:
@@ -329,7 +325,8 @@ class _Child:
                     engine.enqueue(message.requests, handles)
                 except Exception:  # the serving process admitted them, so this is not expected: they end
                     log.exception("sequences refused")
-                    self.deliver([(h, GenerationOutput(text="", token_ids=[], finish_reason="error")) for h in handles])
+                    failed = GenerationOutput(text="", token_ids=[], finish_reason="error")
+                    self._send_step([(h, failed) for h in handles], [])
             elif isinstance(message, Cancel):
                 remote = self.remotes.get(message.key)
                 if remote is not None:
@@ -343,6 +340,10 @@ class _Child:
 
     def deliver(self, outputs: list[tuple[_Remote, GenerationOutput]]) -> None:
         """The engine thread's step outputs, sent as one message with the step's statistics."""
+        passes, self.passes[:] = self.passes[:], []
+        self._send_step(outputs, passes)
+
+    def _send_step(self, outputs: list[tuple[_Remote, GenerationOutput]], passes: list[StepStats]) -> None:
         for remote, output in outputs:
             if output.finish_reason is not None:
                 self.remotes.pop(remote.key, None)
@@ -350,11 +351,10 @@ class _Child:
         load = stats.expert_load
         step = Step(
             [(remote.key, output) for remote, output in outputs],
-            self.passes[:],
+            passes,
             replace(stats, expert_load=None),
             None if load is None else (load[0].tolist(), load[1].tolist()),
         )
-        self.passes.clear()
         data = pickle.dumps(step, protocol=pickle.HIGHEST_PROTOCOL)
         with self._send_lock:
             self.steps.send_bytes(data)
