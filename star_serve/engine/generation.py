@@ -175,10 +175,11 @@ class GenerationEngine:
         on_step: Callable[[StepStats], None] | None = None,
         sink: ForwardSink | None = None,  # where each forward goes for adaptation, if anywhere
         live: LiveQuality | None = None,  # where the loss of sampled prompts goes, if anywhere
-        deliver: Deliver | None = None,  # where a step's outputs go; None: to their streams' event loops
+        deliver: Deliver | None = None,  # where a step's outputs go; default: to their streams' event loops
     ) -> None:
         self.model, self.tokenizer, self.routing, self.config = model, tokenizer, routing, config
-        self.on_step, self._sink, self._deliver = on_step, sink, deliver
+        self.on_step, self._sink = on_step, sink
+        self._deliver: Deliver = deliver or deliver_to_loops
         self.device = next(model.parameters()).device
         self.expert_load = ExpertLoad(model.config.num_hidden_layers, model.config.num_local_experts, self.device)
         self.backbone, self.lm_head = model.base_model, model.get_output_embeddings()
@@ -271,11 +272,7 @@ class GenerationEngine:
         with self._wakeup:
             if self.draining or self._stopping:
                 raise EngineDraining()
-            if len(seqs) > self.config.max_waiting + self.config.max_running:
-                raise RequestTooLong(
-                    f"{len(seqs)} sequences (prompts x n) can never be admitted together; "
-                    f"the most is {self.config.max_waiting + self.config.max_running}"
-                )
+            check_capacity(len(seqs), self.config)
             if len(self._waiting) + len(seqs) > self.config.max_waiting + len(self._free_slots):
                 raise EngineOverloaded(retry_after=1.0)
             self._waiting.extend(seqs)
@@ -582,15 +579,10 @@ class GenerationEngine:
         self._outbox.append((seq.stream, self._with_logprobs(seq, final)))
 
     def _flush(self) -> None:
-        """Delivers the step's outputs with one wake-up per event loop, not one per token."""
+        """Delivers the step's outputs together: with one wake-up per event loop, not one per token."""
         outbox, self._outbox = self._outbox, []
-        if self._deliver is not None:
-            if outbox:
-                self._deliver(outbox)
-            return
-        streams = [(stream, output) for stream, output in outbox if isinstance(stream, GenerationStream)]
-        assert len(streams) == len(outbox), "sequences known by other handles go out through `deliver`"
-        deliver_to_loops(streams)
+        if outbox:
+            self._deliver(outbox)
 
 
 def deliver_to_loops(outputs: list[tuple[GenerationStream, GenerationOutput]]) -> None:
@@ -601,6 +593,13 @@ def deliver_to_loops(outputs: list[tuple[GenerationStream, GenerationOutput]]) -
     for loop, pairs in by_loop.items():
         if not loop.is_closed():
             loop.call_soon_threadsafe(GenerationStream.deliver, pairs)
+
+
+def check_capacity(sequences: int, config: EngineConfig) -> None:
+    """Refuses (RequestTooLong) more sequences at once than the running batch and the queue can ever hold."""
+    most = config.max_waiting + config.max_running
+    if sequences > most:
+        raise RequestTooLong(f"{sequences} sequences (prompts x n) can never be admitted together; the most is {most}")
 
 
 def check_length(prompt_tokens: int, max_tokens: int, max_context: int) -> None:

@@ -43,11 +43,12 @@ from .generation import (
     GenerationEngine,
     GenerationStream,
     SequenceRequest,
+    check_capacity,
     check_length,
     check_requests,
     deliver_to_loops,
 )
-from .types import EngineDraining, EngineOverloaded, EngineStats, GenerationOutput, RequestTooLong, StepStats
+from .types import EngineDraining, EngineOverloaded, EngineStats, GenerationOutput, StepStats
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class EngineProcess:
         self._keys = itertools.count()
         self._streams: dict[int, GenerationStream] = {}  # sequences submitted and not finished
         self._lock = threading.Lock()  # `_streams`, and the pipe to the engine process
-        self._stats = EngineStats()
+        self._step: Step | None = None  # the latest step's, whose statistics `stats` reads
         self._draining = False
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_engine: Connection | None = None
@@ -194,7 +195,12 @@ class EngineProcess:
         self._send(Drain(value))
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The engine's load after its latest step (the metrics read it at scrape time)."""
+        step = self._step
+        if step is None:
+            return EngineStats()
+        load = step.expert_load
+        return replace(step.stats, expert_load=None if load is None else (torch.tensor(load[0]), torch.tensor(load[1])))
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         check_length(prompt_tokens, max_tokens, self.max_context)
@@ -210,11 +216,7 @@ class EngineProcess:
         with self._lock:
             if self._draining or not self.alive:
                 raise EngineDraining()
-            if len(requests) > config.max_waiting + config.max_running:
-                raise RequestTooLong(
-                    f"{len(requests)} sequences (prompts x n) can never be admitted together; "
-                    f"the most is {config.max_waiting + config.max_running}"
-                )
+            check_capacity(len(requests), config)
             if len(self._streams) + len(requests) > config.max_waiting + config.max_running:
                 raise EngineOverloaded(retry_after=1.0)
             keys = [next(self._keys) for _ in requests]
@@ -248,9 +250,7 @@ class EngineProcess:
                 step: Step = pickle.loads(from_engine.recv_bytes())
             except (EOFError, OSError):
                 break
-            load = step.expert_load
-            expert_load = None if load is None else (torch.tensor(load[0]), torch.tensor(load[1]))
-            self._stats = replace(step.stats, expert_load=expert_load)
+            self._step = step
             if self.on_step is not None:
                 for stats in step.passes:
                     self.on_step(stats)
